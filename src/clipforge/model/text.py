@@ -1,0 +1,46 @@
+"""Causal text Transformer pooled at the end-of-text token (the highest id in each row)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TextConfig
+from .layers import LayerNorm, Transformer, activation
+from .vision import _init_transformer
+
+
+class TextTransformer(nn.Module):
+    """The text tower. CLIP inherits from it so that its parameters keep OpenAI's top-level names
+    (`token_embedding`, `transformer.resblocks.*`, `ln_final`, `text_projection`)."""
+
+    def __init__(self, cfg: TextConfig, output_dim: int, quick_gelu: bool):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation(quick_gelu))
+        self.ln_final = LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+        _init_transformer(self.transformer, cfg.layers)
+
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be an integer tensor [N, L], got {tuple(ids.shape)} {ids.dtype}")
+        if ids.shape[1] > self.context_length:
+            raise ValueError(f"token ids have length {ids.shape[1]}, longer than the model's context "
+                             f"length {self.context_length}; tokenize with context_length={self.context_length}")
+
+    def text_tower(self, ids: torch.Tensor, return_tokens: bool = False):
+        self.check_token_ids(ids)
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        # The end-of-text token has the highest id in the vocabulary, so argmax finds it.
+        eot = ids.argmax(dim=-1)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
+        return (pooled, x) if return_tokens else pooled
