@@ -96,3 +96,20 @@ def create_model(arch: str | CLIPConfig | dict, **overrides) -> CLIP:
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return CLIP(cfg)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX, where bf16 matmuls are fast rather than emulated."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if check is not None and check():
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx is not None and amx())
+
+
+def auto_precision(device: str | torch.device = "cpu") -> str:
+    """The fastest precision that keeps embeddings within cosine 0.999 of fp32 on this device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"

@@ -1,0 +1,40 @@
+"""What every subcommand shares: exit statuses, the usage error, and the model options."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", help="a clipforge/HF folder or an OpenAI/OpenCLIP checkpoint file")
+    group.add_argument("--model", help="architecture name (e.g. ViT-B-32), with --pretrained")
+    group.add_argument("--pretrained", help="pretrained tag for --model (see `clipforge models --pretrained`)")
+    group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="auto = bf16 where the hardware has it natively, else fp32")
+
+
+def load_from_args(args: argparse.Namespace, fast_preprocess: bool = False):
+    """(model, preprocess, tokenizer) from --checkpoint or --model/--pretrained."""
+    from ..checkpoints import load
+    from ..model import auto_precision
+
+    precision = auto_precision(args.device) if args.precision == "auto" else args.precision
+    if args.checkpoint:
+        return load(args.checkpoint, device=args.device, precision=precision, fast_preprocess=fast_preprocess)
+    if args.model and args.pretrained:
+        return load(args.model, pretrained=args.pretrained, device=args.device, precision=precision,
+                    fast_preprocess=fast_preprocess)
+    raise UsageError("give --checkpoint PATH, or --model ARCH --pretrained TAG")
+
+
+# (name, one-line help, add arguments, run) for one subcommand
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]

@@ -1,0 +1,129 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipforge
+from clipforge.model import CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+
+OPENAI_ARCHS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+
+
+def tiny_config(resnet: bool = False) -> CLIPConfig:
+    vision = VisionConfig(image_size=64, layers=[1, 1, 1, 1], width=16) if resnet else \
+        VisionConfig(image_size=32, layers=2, width=64, patch_size=8)
+    return CLIPConfig(embed_dim=32, vision=vision, text=TextConfig(context_length=16, width=64, heads=2, layers=2))
+
+
+def test_shipped_architectures_include_openai_releases_and_small_ones():
+    names = list_models()
+    assert set(OPENAI_ARCHS) <= set(names)
+    assert {"ViT-Nano-8", "ViT-Micro-8", "RN-Nano"} <= set(names)
+    assert get_model_config("ViT-Nano-8").text.context_length == 32
+    assert all(get_model_config(n).quick_gelu for n in OPENAI_ARCHS)
+
+
+@pytest.mark.parametrize("name", OPENAI_ARCHS)
+def test_openai_parameter_counts(name):
+    # Parameter counts of OpenAI's released models: every tensor shape must be theirs.
+    expected = {"RN50": 102_007_137, "RN101": 119_688_033, "RN50x4": 178_300_601, "RN50x16": 290_979_217,
+                "RN50x64": 623_258_305, "ViT-B-32": 151_277_313, "ViT-B-16": 149_620_737,
+                "ViT-L-14": 427_616_513, "ViT-L-14-336": 427_944_193}[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_name_spellings_and_activation_suffixes():
+    assert get_model_config("ViT-B/32") == get_model_config("ViT-B-32")
+    assert get_model_config("ViT-L/14@336px").vision.image_size == 336
+    assert get_model_config("ViT-B-32-gelu").quick_gelu is False
+    assert get_model_config("ViT-Nano-8-quickgelu").quick_gelu is True
+    with pytest.raises(ValueError, match="unknown architecture 'ViT-Z-99'"):
+        get_model_config("ViT-Z-99")
+
+
+def test_parameter_names_are_openai_layout():
+    keys = set(create_model(tiny_config()).state_dict())
+    for key in ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
+                "visual.transformer.resblocks.0.attn.in_proj_weight",
+                "visual.transformer.resblocks.0.attn.out_proj.bias",
+                "visual.transformer.resblocks.1.mlp.c_fc.weight", "visual.ln_post.weight", "token_embedding.weight",
+                "positional_embedding", "transformer.resblocks.1.ln_2.bias", "ln_final.weight", "text_projection",
+                "logit_scale"]:
+        assert key in keys
+    rn_keys = set(create_model(tiny_config(resnet=True)).state_dict())
+    assert {"visual.attnpool.q_proj.weight", "visual.attnpool.c_proj.bias", "visual.layer1.0.downsample.0.weight",
+            "visual.layer4.0.bn3.running_var", "visual.bn1.weight"} <= rn_keys
+
+
+def test_forward_returns_normalised_features_and_temperature():
+    torch.manual_seed(0)
+    model = create_model(tiny_config()).eval()
+    images, ids = torch.randn(3, 3, 32, 32), clipforge.tokenize(["a", "b c"], context_length=16)
+    img, txt, scale = model(images, ids)
+    assert img.shape == (3, 32) and txt.shape == (2, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_text_pools_at_the_end_of_text_token():
+    """Changing tokens after EOT (padding) must not change the embedding; changing one before must."""
+    torch.manual_seed(0)
+    model = create_model(tiny_config()).eval()
+    ids = clipforge.tokenize(["a red circle"], context_length=16)
+    eot = int(ids.argmax())
+    padded = ids.clone()
+    padded[0, eot + 1:] = 7
+    before = ids.clone()
+    before[0, 1] = 1000
+    with torch.no_grad():
+        base = model.encode_text(ids)
+        assert torch.allclose(base, model.encode_text(padded), atol=1e-6)  # causal: later tokens unseen
+        assert not torch.allclose(base, model.encode_text(before), atol=1e-3)
+
+
+@pytest.mark.parametrize("resnet", [False, True])
+def test_bf16_precision_keeps_fp32_interface_and_accuracy(resnet):
+    torch.manual_seed(0)
+    model = create_model(tiny_config(resnet)).eval()
+    size = model.image_size
+    images, ids = torch.randn(4, 3, size, size), clipforge.tokenize(["a dog", "two cats", "x"], context_length=16)
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(images), model.encode_text(ids)
+        model.set_precision("bf16")
+        assert model.precision == "bf16"
+        assert model.ln_final.weight.dtype == torch.float32  # LayerNorm stays fp32
+        img, txt = model.encode_image(images), model.encode_text(ids)
+    assert img.dtype == txt.dtype == torch.float32
+    assert F.cosine_similarity(img, ref_img).min() > 0.999
+    assert F.cosine_similarity(txt, ref_txt).min() > 0.999
+
+
+def test_bad_inputs_are_named():
+    model = create_model(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 32, 32\], got \(2, 3, 16, 16\)"):
+        model.encode_image(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="longer than the model's context length 16"):
+        model.encode_text(torch.zeros(1, 77, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.encode_text(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.set_precision("int8")
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = create_model(tiny_config())
+    images, ids = torch.randn(2, 3, 32, 32), clipforge.tokenize(["a", "b"], context_length=16)
+
+    def grads():
+        model.zero_grad()
+        img, txt, _ = model(images, ids)
+        (img @ txt.T).sum().backward()
+        return model.visual.conv1.weight.grad.clone(), model.token_embedding.weight.grad.clone()
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
