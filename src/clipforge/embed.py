@@ -66,7 +66,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may use the results in autograd (e.g. a probe)
 def embed_images(
     model,
     images: Sequence[ImageItem],
@@ -98,7 +98,7 @@ def embed_images(
     return ImageEmbeddings(embeddings, indices, failures)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may use the results in autograd (e.g. a probe)
 def embed_texts(
     model,
     texts: Sequence[str],

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..model import CLIP, PRECISIONS, CLIPConfig, get_model_config, list_models
+from ..model import CLIP, CLIPConfig, canonical_precision, get_model_config, list_models
 from ..model.config import canonical_name
 from ..tokenizer import Tokenizer
 from ..transforms import PreprocessConfig, image_transform
@@ -34,8 +34,7 @@ def load(
     weights cannot tell (OpenCLIP files). `precision` is `fp32`, `bf16` or `fp16`: inputs and returned
     embeddings stay fp32 whatever it is. Returns `(model, preprocess, tokenizer)` with the model in eval mode.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = canonical_precision(precision)  # checked before any file is read
     path, hints = _resolve_source(source, pretrained)
     raw = read_checkpoint(path)
     cfg, preprocess_cfg, tokenizer_cfg = _configs_for(raw, arch or hints.get("arch"),
@@ -53,7 +52,8 @@ def load(
 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: CLIPConfig, source: str) -> CLIP:
     """A CLIP with these weights (fp32), or a CheckpointError naming the mismatch."""
-    model = CLIP(cfg)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced (0.7 s -> ms)
+        model = CLIP(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -65,13 +65,19 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: CLIPConfig, 
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the {_describe(cfg)} "
                                   f"architecture expects {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    # assign=True adopts the tensors (contiguous fp32 copies, so the caller's dict is never aliased).
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v).clone().contiguous()
+                           for k, v in state_dict.items()}, assign=True)
     return model.eval()
 
 
-def save_model(model: CLIP, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-    """Save `model` (fp32 weights) in clipforge's folder format, with its preprocessing and tokenizer config."""
-    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig(image_size=model.image_size)
+def save_model(model: CLIP, directory: str | Path, provenance: dict[str, Any] | None = None,
+               preprocess_cfg: PreprocessConfig | None = None) -> Path:
+    """Save `model` (fp32 weights) in clipforge's folder format, with its preprocessing and tokenizer config.
+
+    Preprocessing: `preprocess_cfg`, else the one the model was loaded with, else OpenAI's at the model's size."""
+    preprocess = (preprocess_cfg or getattr(model, "preprocess_config", None)
+                  or PreprocessConfig(image_size=model.image_size))
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     tokenizer = Tokenizer(model.context_length).to_config()
     merged = {**getattr(model, "provenance", {}), **(provenance or {})}
@@ -128,9 +134,10 @@ def _resolve_source(source: str | Path, pretrained: str | None) -> tuple[Path, d
                                                   "preprocess": entry.preprocess}
     text = str(source)
     if text.startswith("hf-hub:"):
-        from .pretrained import resolve_hf_hub
+        from .pretrained import hf_hub_hints, resolve_hf_hub
 
-        return Path(resolve_hf_hub(text)), {}
+        path = Path(resolve_hf_hub(text))
+        return path, hf_hub_hints(path)
     path = Path(text).expanduser()
     if path.exists():
         return path, {}

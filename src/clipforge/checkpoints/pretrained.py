@@ -46,6 +46,7 @@ _CHUNK = 1 << 20
 _TRUTHY = {"1", "true", "yes", "on"}
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_FORMATS = {"openai", "open_clip"}
 
 
 class DownloadError(RuntimeError):
@@ -106,6 +107,8 @@ def _entry_from_dict(index: int, raw: dict[str, Any]) -> PretrainedEntry:
         raise ValueError(f"{where}: missing keys {missing}")
     if bool(raw.get("url")) == bool(raw.get("hf_hub")):
         raise ValueError(f"{where}: needs exactly one of 'url' and 'hf_hub'")
+    if raw["format"] not in _FORMATS:
+        raise ValueError(f"{where}: format must be one of {sorted(_FORMATS)}, got {raw['format']!r}")
     wanted = {"image_size", "mean", "std", "interpolation", "resize_mode"}
     if set(raw["preprocess"]) != wanted:
         raise ValueError(f"{where}: preprocess must have exactly the keys {sorted(wanted)}")
@@ -130,7 +133,7 @@ def get_pretrained(arch: str, tag: str) -> PretrainedEntry:
 
     Unknown names raise a ValueError that lists what is registered.
     """
-    name = canonical_name(arch.strip())
+    name = _arch_name(arch)
     wants_quick_gelu = name.lower().endswith("-quickgelu")
     name = name[: -len("-quickgelu")] if wants_quick_gelu else name
     candidates = [e for e in _registry() if e.arch.lower() == name.lower()]
@@ -147,6 +150,11 @@ def get_pretrained(arch: str, tag: str) -> PretrainedEntry:
         raise ValueError(f"{entry.name} was trained with GELU, not QuickGELU: "
                          f"use {entry.arch!r} without -quickgelu")
     return copy.deepcopy(entry)  # callers may edit preprocess without touching the registry
+
+
+def _arch_name(arch: str) -> str:
+    """`ViT-L/14@336px`, `ViT-L/14@336` and `ViT-L-14-336` all name the same architecture."""
+    return canonical_name(arch.strip()).replace("@336", "-336")
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -269,11 +277,11 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
         if err.code == 416 and offset:
             return  # nothing left to send: the partial is the whole file, and its checksum decides
         raise DownloadError(f"HTTP {err.code} {err.reason} for {url}") from None
-    except TimeoutError:
-        raise DownloadError(f"no answer from {url} within {timeout:g} s (server stalled); "
-                            f"run again later") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+    except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        if isinstance(reason, TimeoutError):  # a stall while connecting or waiting for the headers
+            raise DownloadError(f"no answer from {url} within {timeout:g} s (server stalled); "
+                                f"run again later") from None
         raise DownloadError(f"cannot download {url}: {reason}") from None
     with response:
         offset = _resume_offset(response, offset, url, part)
@@ -307,43 +315,71 @@ def _resume_offset(response: http.client.HTTPResponse, offset: int, url: str, pa
 
 def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm, url: str, part: Path,
                timeout: float) -> int:
-    """Append the body to `out`; returns the bytes received (fewer than announced if the server hung up)."""
+    """Append the body to `out`; returns the bytes received (fewer than announced if the server hung up).
+
+    Whatever arrived stays in `out` when the connection stalls or breaks, so the next attempt resumes.
+    """
     received = 0
-    try:
-        while chunk := response.read1(_CHUNK):  # read1: whatever has arrived, so a stall loses nothing
-            out.write(chunk)
-            bar.update(len(chunk))
-            received += len(chunk)
-    except TimeoutError:
-        out.flush()
-        raise DownloadError(f"download of {url} stalled: no data for {timeout:g} s; partial download kept at "
-                            f"{part}: run again to resume") from None
-    except http.client.IncompleteRead as err:
-        out.write(err.partial)
-        received += len(err.partial)
-    except OSError as err:  # connection reset mid-body: keep what arrived
-        out.flush()
-        raise DownloadError(f"connection to {url} broke after {received} bytes ({err}); "
-                            f"partial download kept at {part}: run again to resume") from None
-    return received
+    while True:
+        try:
+            chunk = response.read1(_CHUNK)  # read1: whatever has arrived, so a stall loses nothing
+        except TimeoutError:
+            raise DownloadError(f"download of {url} stalled: no data for {timeout:g} s; partial download kept "
+                                f"at {part}: run again to resume") from None
+        except http.client.IncompleteRead as err:  # a chunked body cut short
+            out.write(err.partial)
+            raise DownloadError(f"connection to {url} closed after {received + len(err.partial)} bytes; "
+                                f"partial download kept at {part}: run again to resume") from None
+        except (OSError, http.client.HTTPException) as err:  # connection reset mid-body
+            raise DownloadError(f"connection to {url} broke after {received} bytes ({err}); "
+                                f"partial download kept at {part}: run again to resume") from None
+        if not chunk:
+            return received
+        out.write(chunk)
+        bar.update(len(chunk))
+        received += len(chunk)
 
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path`, held across processes (and threads) until the block ends."""
-    with open(path, "a+b") as handle:  # "a" creates the file without truncating another holder's
-        if fcntl is None:
-            yield
-            return
+    """An exclusive advisory lock on `path`, held across processes (and threads) until the block ends.
+
+    The holder deletes the lock file before releasing it, so a finished download leaves no lock behind;
+    a waiter that wakes up holding a deleted file's lock therefore starts over on the current file.
+    """
+    if fcntl is None:
+        yield
+        return
+    while True:
+        # "a" creates the file without truncating another holder's; closed below, once the lock is released.
+        handle = open(path, "a+b")  # noqa: SIM115
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process downloading %s", path.name.removesuffix(".lock"))
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another process downloading %s", path.name.removesuffix(".lock"))
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            if _same_file(handle, path):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: nobody can lock this file and believe it current
+        handle.close()  # closing releases the lock
+
+
+def _same_file(handle: BinaryIO, path: Path) -> bool:
+    """Whether the open `handle` is still the file at `path` (it is not if its holder deleted it)."""
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 # -------------------------------------------------------------------------------------- verified cache
@@ -368,8 +404,9 @@ def _cached_file_ok(dest: Path, expected: str | None, url: str) -> bool:
     return False
 
 
-# A verified file gets a stamp (sha256, size, mtime) beside it, so loading it again does not re-hash
-# gigabytes; any change to the file's size or mtime invalidates the stamp.
+# A verified file gets a stamp (sha256 and the file's identity: inode, size, mtime, ctime) beside it, so
+# loading it again does not re-hash gigabytes. Replacing or rewriting the file changes its identity (ctime
+# cannot be set back by copying tools), which invalidates the stamp.
 def _stamp_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".verified")
 
@@ -380,7 +417,7 @@ def _stamp_matches(dest: Path, expected: str) -> bool:
         stat = dest.stat()
     except (OSError, ValueError):
         return False
-    return stamp == {"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return stamp == {"sha256": expected, **_identity(stat)}
 
 
 def _write_stamp(dest: Path, expected: str | None) -> None:
@@ -388,8 +425,11 @@ def _write_stamp(dest: Path, expected: str | None) -> None:
         return
     stat = dest.stat()
     with contextlib.suppress(OSError):  # a read-only cache still works, it just re-hashes
-        _stamp_path(dest).write_text(json.dumps({"sha256": expected, "size": stat.st_size,
-                                                 "mtime_ns": stat.st_mtime_ns}))
+        _stamp_path(dest).write_text(json.dumps({"sha256": expected, **_identity(stat)}))
+
+
+def _identity(stat: os.stat_result) -> dict[str, int]:
+    return {"ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
 def _sha256_file(path: Path) -> str:
@@ -419,11 +459,13 @@ def _url_filename(url: str) -> str:
 # ------------------------------------------------------------------------------------- Hugging Face hub
 
 def resolve_hf_hub(spec: str, cache_dir: Path | None = None) -> Path:
-    """A local folder for `hf-hub:ORG/NAME` holding its config and weights, downloaded on first use.
+    """The local checkpoint for `hf-hub:ORG/NAME`, downloaded on first use (into the hub cache's snapshot).
 
-    An open_clip repo gives `open_clip_config.json` + `open_clip_model.safetensors` (or
-    `open_clip_pytorch_model.bin`); otherwise a transformers repo gives `config.json` + `model.safetensors`
-    (or `pytorch_model.bin`). The folder is the hub cache's snapshot, holding only those files.
+    An open_clip repo gives the path of its weights file (`open_clip_model.safetensors`, else
+    `open_clip_pytorch_model.bin`), with `open_clip_config.json` beside it (see `hf_hub_hints`). Otherwise a
+    transformers repo gives the snapshot folder holding `config.json` + `model.safetensors` (or
+    `pytorch_model.bin`). The weights file, not the folder, for open_clip: a hub cache shared with other
+    tools may hold a transformers `config.json` in the same snapshot, which would make the folder ambiguous.
     """
     repo = spec.strip().removeprefix("hf-hub:")
     if repo.count("/") != 1 or not all(repo.split("/")):
@@ -432,7 +474,8 @@ def resolve_hf_hub(spec: str, cache_dir: Path | None = None) -> Path:
     for config_name, weight_names in (("open_clip_config.json", _OPEN_CLIP_WEIGHTS),
                                       ("config.json", _HF_TRANSFORMERS_WEIGHTS)):
         if _hf_try(repo, config_name, cache) is not None:
-            return _hf_fetch_first(repo, weight_names, cache).parent
+            weights = _hf_fetch_first(repo, weight_names, cache)
+            return weights if config_name == "open_clip_config.json" else weights.parent
     if reason := _offline_reason():
         where = cache or _hf_default_cache()
         raise OfflineModeError(
@@ -441,6 +484,38 @@ def resolve_hf_hub(spec: str, cache_dir: Path | None = None) -> Path:
             f"--cache-dir {where}` and copy that cache here (source https://huggingface.co/{repo})")
     raise DownloadError(f"{spec}: the repo has neither open_clip_config.json nor config.json; "
                         f"pass the path of a downloaded checkpoint instead")
+
+
+def hf_hub_hints(checkpoint: str | Path) -> dict[str, Any]:
+    """What an open_clip repo's `open_clip_config.json` (beside `checkpoint`) says that its weights cannot.
+
+    Returns `{"quick_gelu": bool, "preprocess": {...}}` (open_clip's defaults filled in: GELU, OpenAI
+    mean/std, bicubic, shortest-side resize), or `{}` when there is no such file (a transformers repo, whose
+    config.json the checkpoint reader handles itself).
+    """
+    from ..transforms import OPENAI_MEAN, OPENAI_STD  # open_clip's defaults when preprocess_cfg is absent
+
+    path = Path(checkpoint)
+    config_path = (path if path.is_dir() else path.parent) / "open_clip_config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+        model_cfg = config["model_cfg"]
+        image_size = model_cfg["vision_cfg"]["image_size"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not an open_clip config with model_cfg.vision_cfg.image_size "
+                         f"({type(err).__name__}: {err})") from None
+    if isinstance(image_size, (list, tuple)):  # open_clip allows [H, W]; our towers are square
+        if len(set(image_size)) != 1:
+            raise ValueError(f"{config_path}: non-square image_size {image_size} is not supported")
+        image_size = image_size[0]
+    given = config.get("preprocess_cfg") or {}
+    preprocess = {"image_size": int(image_size), "mean": list(given.get("mean", OPENAI_MEAN)),
+                  "std": list(given.get("std", OPENAI_STD)),
+                  "interpolation": given.get("interpolation", "bicubic"),
+                  "resize_mode": given.get("resize_mode", "shortest")}
+    return {"quick_gelu": bool(model_cfg.get("quick_gelu", False)), "preprocess": preprocess}
 
 
 def _hf_cache(explicit: Path | None) -> Path | None:
@@ -464,8 +539,10 @@ def _hf_file_url(repo: str, filename: str) -> str:
 def _hf_hub_download(repo: str, filename: str, cache: Path | None, offline: bool) -> Path:
     from huggingface_hub import hf_hub_download
 
-    # local_files_only as well as HF_HUB_OFFLINE: huggingface_hub reads that variable once, at import.
+    # local_files_only as well as HF_HUB_OFFLINE, and HF_ENDPOINT passed explicitly: huggingface_hub reads
+    # both variables once, at import, and ours may be set later (tests, notebooks).
     return Path(hf_hub_download(repo, filename, cache_dir=cache, local_files_only=offline,
+                                endpoint=os.environ.get("HF_ENDPOINT") or None,
                                 library_name="clipforge", library_version=__version__))
 
 
@@ -511,5 +588,5 @@ def _first_line(err: BaseException) -> str:
 
 
 __all__ = ["BASE_URL", "ChecksumMismatchError", "DownloadError", "OfflineModeError", "PretrainedEntry",
-           "cache_dir", "download_pretrained", "download_url", "get_pretrained", "is_offline",
-           "list_pretrained", "resolve_hf_hub"]
+           "cache_dir", "download_pretrained", "download_url", "get_pretrained", "hf_hub_hints",
+           "is_offline", "list_pretrained", "resolve_hf_hub"]

@@ -64,9 +64,3 @@ def _user_error_status(err: Exception) -> int | None:
     return None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "add_model_args", "build_parser", "load_from_args",
-           "main"]

@@ -1,6 +1,6 @@
 """The one CLIP model family, in OpenAI's parameter layout."""
 
-from .clip import CLIP, PRECISIONS, auto_precision, cpu_has_native_bf16, create_model
+from .clip import CLIP, PRECISIONS, auto_precision, canonical_precision, cpu_has_native_bf16, create_model
 from .config import CLIPConfig, TextConfig, VisionConfig, canonical_name, get_model_config, list_models
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "VisionConfig",
     "auto_precision",
     "canonical_name",
+    "canonical_precision",
     "cpu_has_native_bf16",
     "create_model",
     "get_model_config",

@@ -14,6 +14,18 @@ from .text import TextTransformer
 from .vision import build_vision_tower
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Lightning's precision names (the training side speaks them) mean the same compute dtypes here.
+PRECISION_ALIASES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16",
+                     "16-mixed": "fp16", "16-true": "fp16", "16": "fp16"}
+
+
+def canonical_precision(precision: str) -> str:
+    """`fp32`, `bf16` or `fp16` for one of those or a Lightning precision name; ValueError otherwise."""
+    name = PRECISION_ALIASES.get(str(precision), precision)
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} (or a Lightning name such as "
+                         f"'bf16-mixed'), got {precision!r}")
+    return name
 
 
 class CLIP(TextTransformer):
@@ -59,9 +71,7 @@ class CLIP(TextTransformer):
         """Cast the matrices (linear, conv, attention, projections) to `precision`. LayerNorm,
         embeddings and the temperature stay fp32 so that the residual stream and normalisation
         stay accurate. Returns self."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        dtype = PRECISIONS[precision]
+        dtype = PRECISIONS[canonical_precision(precision)]
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm2d, Attention)):
                 module.to(dtype)
