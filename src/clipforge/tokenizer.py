@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.resources
+import operator
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from itertools import chain, pairwise
@@ -111,6 +112,16 @@ def _as_text(item: Any, where: str) -> str:
     raise TypeError(f"{where} is {kind}; expected a str")
 
 
+def _as_token_id(item: Any) -> int | None:
+    """`item` as a Python int if it is an integer (of any integer type, bool excluded), else None."""
+    if isinstance(item, bool):
+        return None
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None
+
+
 class Tokenizer:
     """OpenAI's CLIP tokenizer: `tokenizer(texts)` gives a zero-padded [N, context_length] LongTensor.
 
@@ -127,6 +138,15 @@ class Tokenizer:
         self._cache_size = max(0, int(cache_size))
         self._chunk_cache: dict[str, list[int]] = {}
         self._piece_cache: dict[str, list[int]] = {}
+
+    # -- pickling -----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # The vocabulary (~2 MB pickled) is shared package data and the caches refill on their own: a
+        # DataLoader worker gets only the settings and rebuilds the rest from the packaged merges file.
+        return {"context_length": self._context_length, "cache_size": self._cache_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["context_length"], cache_size=state["cache_size"])
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -274,9 +294,10 @@ class Tokenizer:
                 raise ValueError(f"decode takes a 1-D sequence of ids, got a tensor of shape {list(ids.shape)}")
             ids = ids.tolist()
         tokens = []
-        for position, token_id in enumerate(ids):
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"ids[{position}] = {token_id!r} is not a token id in [0, {self.vocab_size})")
+        for position, item in enumerate(ids):
+            token_id = _as_token_id(item)  # also takes NumPy integers, e.g. from a row of an int64 array
+            if token_id is None or not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"ids[{position}] = {item!r} is not a token id in [0, {self.vocab_size})")
             if skip_special_tokens and token_id == self.eot_token_id:
                 break
             if skip_special_tokens and token_id == self.sot_token_id:

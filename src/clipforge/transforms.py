@@ -22,6 +22,8 @@ Deliberate differences from open_clip:
   (NaN -> 0, clipped); the image is then quantised to 8-bit "L" with ``round(v * 255 / max)`` BEFORE the
   pipeline above. A 16-bit image holding ``v8 * 257`` therefore gives exactly the tensor of the 8-bit image.
 - Modes PIL cannot convert to RGB directly ("La") go through their non-premultiplied form ("LA").
+- An image so elongated that its shortest-side resize would exceed ``DEFAULT_MAX_PIXELS`` pixels (aspect
+  ratio beyond about 1780:1 at 224) is refused with ValueError instead of exhausting memory.
 
 EXIF orientation is NOT applied (neither OpenAI's CLIP nor open_clip applies it): a photo stored sideways
 with an orientation tag is embedded sideways, as in the reference. Apply ``PIL.ImageOps.exif_transpose``
@@ -84,6 +86,11 @@ _RESIZE_MODES = ("shortest", "squash")
 _TRAIN_SCALE = (0.9, 1.0)
 _TRAIN_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
+# Formats whose decoder can scale down while decoding; MPO is the multi-picture JPEG many cameras write.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+# Refuse a shortest-side resize whose intermediate image would exceed this many pixels: a 50,000,000 x 1
+# banner passes the decode limit but would be resized to 11,200,000,000 x 224 pixels (tens of GB).
+_MAX_RESIZED_PIXELS = DEFAULT_MAX_PIXELS
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 
@@ -112,10 +119,11 @@ class PreprocessConfig:
         self.std = _three_floats("std", self.std)
         if min(self.std) <= 0:
             raise ValueError(f"PreprocessConfig.std must be positive, got {self.std}")
-        if self.interpolation not in _INTERPOLATIONS:
+        # isinstance first: an unhashable value (a list from a bad JSON file) must give this error, not TypeError.
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"PreprocessConfig.interpolation must be one of {sorted(_INTERPOLATIONS)}, "
                              f"got {self.interpolation!r}")
-        if self.resize_mode not in _RESIZE_MODES:
+        if not isinstance(self.resize_mode, str) or self.resize_mode not in _RESIZE_MODES:
             raise ValueError(f"PreprocessConfig.resize_mode must be one of {list(_RESIZE_MODES)}, "
                              f"got {self.resize_mode!r}")
 
@@ -126,6 +134,8 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Inverse of ``to_dict``; unknown keys are an error (a typo must not silently change preprocessing)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess config must be a dict (JSON object), got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -177,7 +187,7 @@ def load_image(source: ImageSource, draft_size: int | None = None, *,
     if width * height > max_pixels:
         raise ImageDecodeError(f"cannot decode image {name}: {width}x{height} = {width * height:,} pixels "
                                f"exceeds max_pixels={max_pixels:,} (decompression bomb?)")
-    if draft_size is not None and img.format == "JPEG":
+    if draft_size is not None and img.format in _DRAFT_FORMATS:
         img.draft("RGB", (draft_size, draft_size))
     try:
         img.load()
@@ -187,6 +197,18 @@ def load_image(source: ImageSource, draft_size: int | None = None, *,
         raise ImageDecodeError(f"cannot decode image {name}: truncated or corrupt {img.format} data "
                                f"({_one_line(err)})") from None
     return img
+
+
+def _load_pil(image: Image.Image) -> None:
+    """Decode a lazily opened PIL image now, so truncated data raises ImageDecodeError naming its file."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as err:
+        name = repr(getattr(image, "filename", "") or "<PIL image>")
+        raise ImageDecodeError(f"cannot decode image {name}: truncated or corrupt {image.format} data "
+                               f"({_one_line(err)})") from None
 
 
 def _source_name(source: ImageSource) -> str:
@@ -250,8 +272,10 @@ class ImageTransform:
     def __call__(self, image: Image.Image | ImageSource) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             image = load_image(image, draft_size=self.draft_size)
-        elif self.fast:
-            image.draft("RGB", (self.draft_size, self.draft_size))  # no-op unless an unloaded JPEG
+        else:
+            if self.fast:
+                image.draft("RGB", (self.draft_size, self.draft_size))  # no-op unless an unloaded JPEG
+            _load_pil(image)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ValueError(f"cannot preprocess a zero-size image ({width}x{height})")
@@ -264,7 +288,12 @@ class ImageTransform:
         elif self.cfg.resize_mode == "squash":
             image = image.resize((size, size), resample)
         else:
-            image = _center_crop(image.resize(_shortest_side_size(width, height, size), resample), size)
+            resized = _shortest_side_size(width, height, size)
+            if resized[0] * resized[1] > _MAX_RESIZED_PIXELS:
+                raise ValueError(f"cannot preprocess a {width}x{height} image: its aspect ratio is too extreme "
+                                 f"(resizing it to {resized[0]}x{resized[1]} would exceed {_MAX_RESIZED_PIXELS:,} "
+                                 "pixels); crop it first or use resize_mode='squash'")
+            image = _center_crop(image.resize(resized, resample), size)
         return _to_normalised_tensor(image, self._lut)
 
     def __repr__(self) -> str:
