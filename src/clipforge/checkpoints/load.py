@@ -43,8 +43,9 @@ def load(
         preprocess_cfg = PreprocessConfig.from_dict(hints["preprocess"])
     model = build_from_state_dict(raw.state_dict, cfg, str(raw.path))
     model.preprocess_config = preprocess_cfg
-    model.provenance = {"source": str(source), "format": raw.kind, **({"pretrained": pretrained} if pretrained else {}),
-                        **(raw.config or {}).get("provenance", {})}
+    # What the folder says about its history first; where it was loaded from now wins over an older "source".
+    model.provenance = {**(raw.config or {}).get("provenance", {}), "source": str(source), "format": raw.kind,
+                        **({"pretrained": pretrained} if pretrained else {})}
     model.set_precision(precision).to(device).eval()
     tokenizer = Tokenizer.from_config(tokenizer_cfg) if tokenizer_cfg else Tokenizer(cfg.text.context_length)
     return model, image_transform(preprocess_cfg, fast=fast_preprocess), tokenizer

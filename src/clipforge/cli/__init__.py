@@ -10,10 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import core
+from . import classify, core, evaluate, export
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Command, UsageError, add_model_args, load_from_args
 
-COMMANDS: list[Command] = [*core.COMMANDS]
+COMMANDS: list[Command] = [*core.COMMANDS, *classify.COMMANDS, *evaluate.COMMANDS, *export.COMMANDS]
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
@@ -64,3 +65,5 @@ def _user_error_status(err: Exception) -> int | None:
     return None
 
 
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "add_model_args", "build_parser", "load_from_args",
+           "main"]
