@@ -10,11 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import classify, core, evaluate, export, train
+from . import classify, core, evaluate, export, search, train
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Command, UsageError, add_model_args, load_from_args
 
 COMMANDS: list[Command] = [*core.COMMANDS, *classify.COMMANDS, *evaluate.COMMANDS, *export.COMMANDS,
-                           *train.COMMANDS]
+                           *search.COMMANDS, *train.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
