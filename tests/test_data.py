@@ -21,7 +21,7 @@ from clipforge.data import (
     write_labelled_dataset,
 )
 from clipforge.data.synthetic import BACKGROUNDS, COLOURS, SHAPES
-from tests.trained_tiny import TARGET_ACCURACY, trained_tiny_model, zero_shot_accuracy
+from tests.trained_tiny import TARGET_ACCURACY, trained_tiny_model, zero_shot_scores
 
 
 def _png_bytes(colour: tuple[int, int, int] = (200, 10, 10)) -> bytes:
@@ -269,5 +269,6 @@ def test_trained_tiny_model_is_cached_and_clears_its_target(tiny_model_dir, tmp_
     start = time.perf_counter()
     assert trained_tiny_model(tmp_path_factory.getbasetemp() / "trained-tiny") == tiny_model_dir
     assert time.perf_counter() - start < 1.0  # the second call reuses the saved folder
-    accuracy = zero_shot_accuracy(tiny_model_dir)
-    assert accuracy >= TARGET_ACCURACY, f"zero-shot top-1 {accuracy:.3f} < {TARGET_ACCURACY}"
+    scores = zero_shot_scores(tiny_model_dir)
+    # It learned the colours (chance 1/6) and, through them, the classes well above chance (1/24).
+    assert scores["colour"] >= 0.9 and scores["top1"] >= TARGET_ACCURACY, scores

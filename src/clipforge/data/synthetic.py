@@ -69,6 +69,7 @@ _JITTER = 20
 _SUBJECT_RADIUS = (0.25, 0.35)  # of the image side
 _SUBJECT_SPREAD = 0.6  # how far from the centre towards an edge the subject may sit
 _SECOND_RADIUS = (0.4, 0.55)  # of the subject's radius: even a thin star out-sizes the second shape
+_MAX_TILT = 10.0  # degrees: some variety and anti-aliased edges, while a square never reads as a diamond
 
 
 @dataclass
@@ -110,11 +111,13 @@ def make_scene(rng: random.Random, size: int = 64, *, n_shapes: int | None = Non
             colour2, shape2 = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
         radius2 = subject_radius * rng.uniform(*_SECOND_RADIUS)
         centre2 = _apart(rng, canvas, radius2, subject_centre, subject_radius)
-        _draw_shape(draw, shape2, centre2, radius2, _jitter(rng, COLOURS[colour2]))
+        tilt2 = rng.uniform(-_MAX_TILT, _MAX_TILT)
+        _draw_shape(draw, shape2, centre2, radius2, tilt2, _jitter(rng, COLOURS[colour2]))
         caption = rng.choice(_TWO_SHAPE_TEMPLATES).format(c=colour, s=shape, c2=colour2, s2=shape2)
     else:
         caption = rng.choice(_ONE_SHAPE_TEMPLATES).format(c=colour, s=shape, bg=background)
-    _draw_shape(draw, shape, subject_centre, subject_radius, _jitter(rng, COLOURS[colour]))
+    tilt = rng.uniform(-_MAX_TILT, _MAX_TILT)
+    _draw_shape(draw, shape, subject_centre, subject_radius, tilt, _jitter(rng, COLOURS[colour]))
     return Scene(image.reduce(_SUPERSAMPLE), caption, f"{colour} {shape}", colour, shape)
 
 
@@ -198,21 +201,21 @@ def _apart(rng: random.Random, canvas: int, radius: float, other: tuple[float, f
     return best
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float,
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, tilt: float,
                 fill: tuple[int, int, int]) -> None:
-    """Upright shapes (a tilted square would read as a diamond), ``radius`` = circumscribed circle's."""
+    """A shape turned by ``tilt`` degrees from upright; ``radius`` is its circumscribed circle's."""
     x, y = centre
     if shape == "circle":
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
     elif shape == "square":
-        draw.regular_polygon((x, y, radius), 4, fill=fill)
+        draw.regular_polygon((x, y, radius), 4, rotation=tilt, fill=fill)
     elif shape == "triangle":
-        draw.regular_polygon((x, y, radius), 3, fill=fill)
+        draw.regular_polygon((x, y, radius), 3, rotation=tilt, fill=fill)
     else:  # star: five points, inner radius 0.45 of the outer one
         points = []
         for k in range(10):
             r = radius if k % 2 == 0 else radius * 0.45
-            theta = math.radians(36 * k)
+            theta = math.radians(tilt + 36 * k)
             points.append((x + r * math.sin(theta), y - r * math.cos(theta)))
         draw.polygon(points, fill=fill)
 
