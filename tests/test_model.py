@@ -127,3 +127,15 @@ def test_grad_checkpointing_gives_same_gradients():
     checkpointed = grads()
     for a, b in zip(plain, checkpointed, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_trimming_padding_after_the_last_eot_changes_nothing():
+    """encode_text drops the columns after the batch's last EOT; the untrimmed path must agree."""
+    torch.manual_seed(0)
+    model = create_model(tiny_config()).eval()
+    ids = clipforge.tokenize(["a dog", "two cats on a red sofa in the sun"], context_length=16)
+    with torch.no_grad():
+        trimmed = model.encode_text(ids)
+        full, tokens = model.encode_text(ids, return_tokens=True)
+    assert tokens.shape[1] == 16  # the token path keeps every column
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)  # float rounding of other GEMM shapes

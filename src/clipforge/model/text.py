@@ -37,10 +37,14 @@ class TextTransformer(nn.Module):
 
     def text_tower(self, ids: torch.Tensor, return_tokens: bool = False):
         self.check_token_ids(ids)
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
         # The end-of-text token has the highest id in the vocabulary, so argmax finds it.
         eot = ids.argmax(dim=-1)
+        if not return_tokens and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            # Attention is causal, so the columns after the last EOT cannot change any pooled output:
+            # dropping them gives the same features and skips most of the work on short captions.
+            ids = ids[:, : int(eot.max()) + 1] if ids.numel() else ids
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
         return (pooled, x) if return_tokens else pooled
