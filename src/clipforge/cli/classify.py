@@ -13,7 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, Command, UsageError, add_model_args, load_from_args
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Command,
+    UsageError,
+    add_model_args,
+    check_batch_and_workers,
+    load_from_args,
+    template_source,
+)
 
 DEFAULT_TEMPLATES = "simple"
 
@@ -23,7 +32,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     classnames = _classnames(args)
     _check_numbers(args)
-    templates = load_templates(_template_source(args.templates))
+    templates = load_templates(template_source(args.templates))
     inputs = _find_images(args.paths)
     if not inputs:
         raise UsageError(f"no images found in {', '.join(args.paths)}")
@@ -57,21 +66,7 @@ def _classnames(args: argparse.Namespace) -> list[str]:
 def _check_numbers(args: argparse.Namespace) -> None:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-
-
-def _template_source(value: str) -> str | Path:
-    from ..eval.zeroshot import TEMPLATE_SETS
-
-    if value in TEMPLATE_SETS:
-        return value
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise UsageError(f"--templates {value!r}: not one of {', '.join(TEMPLATE_SETS)} and no such file")
-    return path
+    check_batch_and_workers(args)
 
 
 def _find_images(paths: list[str]) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -34,6 +35,26 @@ def load_from_args(args: argparse.Namespace, fast_preprocess: bool = False):
         return load(args.model, pretrained=args.pretrained, device=args.device, precision=precision,
                     fast_preprocess=fast_preprocess)
     raise UsageError("give --checkpoint PATH, or --model ARCH --pretrained TAG")
+
+
+def check_batch_and_workers(args: argparse.Namespace) -> None:
+    """Usage errors for `--batch-size` below 1 and `--workers` below 0."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+
+
+def template_source(value: str) -> str | Path:
+    """`--templates`: a shipped template set's name, or the path of an existing template file."""
+    from ..eval.zeroshot import TEMPLATE_SETS
+
+    if value in TEMPLATE_SETS:
+        return value
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UsageError(f"--templates {value!r}: not one of {', '.join(TEMPLATE_SETS)} and no such file")
+    return path
 
 
 # (name, one-line help, add arguments, run) for one subcommand

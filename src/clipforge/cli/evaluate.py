@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_FAILED, EXIT_OK, Command, UsageError, add_model_args, load_from_args
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Command,
+    UsageError,
+    add_model_args,
+    check_batch_and_workers,
+    load_from_args,
+    template_source,
+)
 
 # Printed after a run, in this order, when the result has them.
 _HEADLINE = ("acc1", "acc5", "mean_per_class_recall")
@@ -27,7 +36,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     from ..eval.tasks import evaluate_retrieval
 
     ks = _parse_ks(args.k)
-    _check_common(args)
+    check_batch_and_workers(args)
     model, preprocess, tokenizer = load_from_args(args, fast_preprocess=not args.exact)
     result = evaluate_retrieval(model, preprocess, tokenizer, args.data, args.image_col, args.caption_col, ks,
                                 split=args.split, image_root=args.image_root, **_run_options(args))
@@ -38,8 +47,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from ..eval.tasks import evaluate_zeroshot
 
     classes = _classnames(args)
-    templates = _template_source(args.templates)
-    _check_common(args)
+    templates = template_source(args.templates)
+    check_batch_and_workers(args)
     model, preprocess, tokenizer = load_from_args(args, fast_preprocess=not args.exact)
     result = evaluate_zeroshot(model, preprocess, tokenizer, args.data, classes, templates, image_col=args.image_col,
                                label_col=args.label_col, split=args.split, image_root=args.image_root,
@@ -52,7 +61,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     from ..eval.tasks import evaluate_linear_probe
 
     classes = _classnames(args)
-    _check_common(args)
+    check_batch_and_workers(args)
     if args.few_shot is not None and args.few_shot < 1:
         raise UsageError(f"--few-shot must be at least 1, got {args.few_shot}")
     if args.weight_decay is not None and args.weight_decay < 0:
@@ -137,13 +146,6 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-
-
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "num_workers": args.workers, "progress": sys.stderr.isatty()}
 
@@ -159,17 +161,6 @@ def _classnames(args: argparse.Namespace) -> list[str] | None:
         return parse_classnames(args.classes)
     except ValueError as err:
         raise UsageError(str(err)) from None
-
-
-def _template_source(value: str) -> str | Path:
-    from ..eval.zeroshot import TEMPLATE_SETS
-
-    if value in TEMPLATE_SETS:
-        return value
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise UsageError(f"--templates {value!r}: not one of {', '.join(TEMPLATE_SETS)} and no such file")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ arguments
