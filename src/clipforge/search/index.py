@@ -325,7 +325,7 @@ class SearchIndex:
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised text embeddings [N, dim] (float32) with the store's model."""
         self.ensure_model()
-        return embed_texts(self.model, list(texts), _Trimmed(self.tokenizer), normalize=True,
+        return embed_texts(self.model, list(texts), self.tokenizer, normalize=True,
                            progress=False).numpy()
 
     def embed_image(self, image) -> np.ndarray:
@@ -360,22 +360,6 @@ class SearchIndex:
             self.model = None
             raise ValueError(f"{source}: embeds to {width} dimensions, the store holds {self.store.dim}")
 
-
-class _Trimmed:
-    """A tokenizer whose batches stop after the last end-of-text token instead of running to the context length.
-
-    The text tower is causal and pools at the end-of-text token, so the columns after it never reach the
-    embedding: dropping them gives the same embeddings, and a short query costs its own length (about 10
-    tokens) instead of 77."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, texts):
-        ids = self.tokenizer(texts)
-        if ids.numel() == 0:
-            return ids
-        return ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # end-of-text has the highest id in the vocabulary
 
 
 def _hit(row: dict[str, Any], score: float) -> Hit:
