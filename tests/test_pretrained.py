@@ -61,7 +61,7 @@ class FileServer:
     files: dict[str, bytes] = field(default_factory=dict)
     behaviour: dict[str, str] = field(default_factory=dict)  # path -> cut_once | stall_headers | stall_body | slow
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    bodies_sent: list[int] = field(default_factory=list)  # body bytes of each completed GET
+    bodies_sent: list[int] = field(default_factory=list)  # body bytes of each GET served in full
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
@@ -134,13 +134,15 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                     state.release.wait(10)
                 self.close_connection = True  # hang up mid-body
                 return
+            # Logged before writing: the client can finish reading, and the test can check the log, before this
+            # thread runs again after its last write.
+            with state.lock:
+                state.bodies_sent.append(len(payload))
             step = 64 * 1024 if mode == "slow" else len(payload) or 1
             for i in range(0, len(payload), step):
                 self.wfile.write(payload[i : i + step])
                 if mode == "slow":
                     time.sleep(0.01)
-            with state.lock:
-                state.bodies_sent.append(len(payload))
 
     return Handler
 
