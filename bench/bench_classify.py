@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import _results
 from _openclip import DATA, import_open_clip
 from clipforge import create_model
 from clipforge.eval.zeroshot import classify, load_templates, zero_shot_classifier
@@ -117,6 +118,7 @@ def run(limit: int = DEFAULT_IMAGES) -> dict:
     if not (DATA / "flowers" / "labels.csv").is_file():
         reason = f"skipped: {DATA / 'flowers'} not found (real photos live in ../shared/data beside the repo)"
         print(reason)
+        _results.skip(reason)
         return {"skipped": reason}
     open_clip = import_open_clip()
     paths, _, classes = _flower_photos(limit)
@@ -160,6 +162,13 @@ def run(limit: int = DEFAULT_IMAGES) -> dict:
             "top1_same_as_open_clip_pct": 100 * float((torch.cat(tops[name]) == oc_top1).float().mean()),
         }
     _print(results)
+    oc_rate = results["open_clip"]["images_per_s"]
+    for name in ("clipforge_default", "clipforge_exact"):
+        r = results[name]
+        mode = "default (auto precision, fast preprocess)" if name == "clipforge_default" else "exact (fp32)"
+        _results.record(f"{results['images']} flower photos, clipforge {mode}", r["images_per_s"], oc_rate,
+                        unit="images/s", ratio=r["vs_open_clip"],
+                        note=f"{r['precision']}; top-1 same as open_clip {r['top1_same_as_open_clip_pct']:.1f} %")
     return results
 
 

@@ -1,6 +1,6 @@
 """ViT-B/32 encoding speed: clipforge vs open_clip 3.3.0 on the same weights and inputs, in one process.
 
-    bench/.venv-openclip/bin/python bench/bench_encode.py [--repeats 3] [--threads N]
+    bench/.venv-openclip/bin/python bench/bench_encode.py [--repeats 3] [--threads N] [--batches 1,64]
 
 Weights: one random ViT-B/32 (QuickGELU, as OpenAI trained it) built by clipforge and loaded into
 open_clip's `ViT-B-32-quickgelu`, so both compute the same function. Inputs: random pixels and the
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results
 import clipforge
 from _openclip import DATA, import_open_clip
 from clipforge.model import cpu_has_native_bf16
@@ -70,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default 1,64)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ours, ours_bf16, theirs = _models()
@@ -77,7 +79,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, native CPU bf16: {cpu_has_native_bf16()}")
     print(f"{'input':<14}{'batch':>6}{'open_clip fp32':>16}{'ours fp32':>12}{'ratio':>7}"
           f"{'open_clip bf16':>16}{'ours bf16':>12}{'ratio':>7}{'cos bf16':>10}{'max|d| fp32':>13}")
-    for batch in (1, 64):
+    for batch in (int(b) for b in args.batches.split(",")):
         images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
         ids = tokenizer(_captions(batch))
         for kind, x, ours_fn, theirs_fn in (
@@ -99,8 +101,14 @@ def _row(kind, batch, x, ours_fn, theirs_fn, ours_bf16_fn, repeats) -> None:
     ref16_rate, _ = _items_per_second(theirs_autocast, batch, repeats)
     rate16, out16 = _items_per_second(lambda: ours_bf16_fn(x), batch, repeats)
     diff = (out - ref).abs().max().item()
+    cosine = _cosine(out16, out)
     print(f"{kind:<14}{batch:>6}{ref_rate:>16.1f}{rate:>12.1f}{rate / ref_rate:>7.2f}"
-          f"{ref16_rate:>16.1f}{rate16:>12.1f}{rate16 / ref_rate:>7.2f}{_cosine(out16, out):>10.5f}{diff:>13.2e}")
+          f"{ref16_rate:>16.1f}{rate16:>12.1f}{rate16 / ref_rate:>7.2f}{cosine:>10.5f}{diff:>13.2e}")
+    _results.record(f"{kind} batch {batch}, fp32", rate, ref_rate, unit=f"{kind}s/s",
+                    note=f"max |diff| to open_clip {diff:.2e}")
+    _results.record(f"{kind} batch {batch}, bf16 (open_clip: bf16 autocast)", rate16, ref16_rate, unit=f"{kind}s/s",
+                    note=f"cosine to fp32 {cosine:.5f}; vs open_clip fp32 {rate16 / ref_rate:.2f}x; "
+                         f"native CPU bf16: {cpu_has_native_bf16()}")
 
 
 if __name__ == "__main__":

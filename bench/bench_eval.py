@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import _results
 from clipforge.eval.probe import linear_probe
 from clipforge.eval.retrieval import retrieval_metrics
 
@@ -134,6 +135,12 @@ def main() -> None:
     print(f"linear probe {r['probe_shape']}: {r['probe_s']:.2f} s (CPU {r['probe_cpu_s']:.2f} s) for "
           f"{r['probe_fits']} fits (weight decay {r['probe_weight_decay']:.3g}), test acc1 {r['probe_acc1']}, "
           f"mean per-class recall {r['probe_mean_per_class_recall']}")
+    _results.record(f"retrieval metrics, {r['retrieval_shape']}", r["retrieval_s"], r["naive_full_matrix_s"], unit="s",
+                    better="lower", reference_name="naive full matrix + top-K",
+                    note=f"CPU s {r['retrieval_cpu_s']} vs {r['naive_full_matrix_cpu_s']}; exact ranks both ways; "
+                         f"max recall difference {r['max_recall_diff_vs_naive']:.2g}")
+    _results.record(f"linear probe, {r['probe_shape']}", r["probe_s"], unit="s", better="lower",
+                    note=f"{r['probe_fits']} fits; CPU s {r['probe_cpu_s']}; test acc1 {r['probe_acc1']}")
 
 
 if __name__ == "__main__":

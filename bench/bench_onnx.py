@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import _results
+
 CASES = (("image", 1, 8), ("image", 16, 1), ("text", 64, 1))  # (tower, batch, calls per timed repeat)
 CAPTIONS = ["a photo of a dog", "a red car parked on a quiet street at night", "two people hiking up a snowy "
             "mountain under a clear blue sky", "a bowl of fruit", "an aerial view of a city by the sea with boats"]
@@ -104,6 +106,10 @@ def main() -> None:
         name = f"{case['tower']} batch {case['batch']}"
         print(f"{name:<16}{case['torch_per_s']:>15.2f}{case['onnxruntime_per_s']:>21.2f}{case['ratio']:>7.2f}x"
               f"{case['max_abs_diff']:>14.2e}")
+        _results.record(f"{result['arch']} {case['tower']} batch {case['batch']}, ONNX export on onnxruntime",
+                        case["onnxruntime_per_s"], case["torch_per_s"], unit=f"{case['tower']}s/s",
+                        ratio=case["ratio"], reference_name="the same model in torch",
+                        note=f"{result['exporter']} export; max |diff| {case['max_abs_diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Preprocessing speed and parity: open_clip's eval transform vs clipforge's exact and fast modes.
 
-Run with the bench venv: ``bench/.venv-openclip/bin/python bench/bench_preprocess.py``. Single process,
-one torch thread (a DataLoader worker's setting); each image is decoded from its file and preprocessed.
+Run with the bench venv: ``bench/.venv-openclip/bin/python bench/bench_preprocess.py [--flickr 1000]
+[--large 60] [--repeats 3]``. Single process, one torch thread (a DataLoader worker's setting); each image is
+decoded from its file and preprocessed.
 
 1. 1,000 Flickr8k photos (128x128 JPEGs): images/s for open_clip, ours exact, ours fast; max abs diff
    of ours exact to open_clip.
@@ -13,6 +14,7 @@ one torch thread (a DataLoader worker's setting); each image is decoded from its
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import _results
 from _openclip import DATA, import_open_clip
 from clipforge.transforms import PreprocessConfig, image_transform
 
@@ -32,10 +35,10 @@ N_LARGE = 60
 REPEATS = 3
 
 
-def _images_per_second(fn, paths: list[Path]) -> float:
-    """Best of REPEATS passes over paths (the first result is also a warm-up for caches)."""
+def _images_per_second(fn, paths: list[Path], repeats: int) -> float:
+    """Best of `repeats` passes over paths (the first result is also a warm-up for caches)."""
     best = float("inf")
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         for path in paths:
             fn(path)
@@ -43,11 +46,11 @@ def _images_per_second(fn, paths: list[Path]) -> float:
     return len(paths) / best
 
 
-def _speeds(paths: list[Path], openclip_pre, exact, fast) -> dict[str, float]:
+def _speeds(paths: list[Path], openclip_pre, exact, fast, repeats: int) -> dict[str, float]:
     speeds = {
-        "open_clip": _images_per_second(lambda p: openclip_pre(Image.open(p)), paths),
-        "ours_exact": _images_per_second(exact, paths),
-        "ours_fast": _images_per_second(fast, paths),
+        "open_clip": _images_per_second(lambda p: openclip_pre(Image.open(p)), paths, repeats),
+        "ours_exact": _images_per_second(exact, paths, repeats),
+        "ours_fast": _images_per_second(fast, paths, repeats),
     }
     speeds["exact_vs_open_clip"] = speeds["ours_exact"] / speeds["open_clip"]
     speeds["fast_vs_open_clip"] = speeds["ours_fast"] / speeds["open_clip"]
@@ -71,11 +74,11 @@ def _fast_vs_exact(paths: list[Path], exact, fast) -> dict[str, float]:
             "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines))}
 
 
-def _make_large_jpegs(photos: list[Path], out_dir: Path, size: tuple[int, int], kind: str) -> list[Path]:
-    """N_LARGE JPEGs of `size`: mosaics of 128x128 photos, or one photo upscaled (bicubic)."""
+def _make_large_jpegs(photos: list[Path], out_dir: Path, size: tuple[int, int], kind: str, n: int) -> list[Path]:
+    """`n` JPEGs of `size`: mosaics of 128x128 photos, or one photo upscaled (bicubic)."""
     width, height = size
     paths = []
-    for i in range(N_LARGE):
+    for i in range(n):
         if kind == "mosaic":
             canvas = Image.new("RGB", (width, height))
             cols, rows = -(-width // 128), -(-height // 128)
@@ -90,7 +93,7 @@ def _make_large_jpegs(photos: list[Path], out_dir: Path, size: tuple[int, int], 
     return paths
 
 
-def run() -> dict:
+def run(n_flickr: int = N_FLICKR, n_large: int = N_LARGE, repeats: int = REPEATS) -> dict:
     """All figures as a dict (``{"skipped": reason}`` without ../shared/data)."""
     image_dir = DATA / "flickr8k" / "images"
     if not image_dir.is_dir():
@@ -102,20 +105,20 @@ def run() -> dict:
     openclip_pre = open_clip.image_transform(SIZE, is_train=False)
     cfg = PreprocessConfig(image_size=SIZE)
     exact, fast = image_transform(cfg), image_transform(cfg, fast=True)
-    photos = sorted(image_dir.glob("*.jpg"))[:N_FLICKR]
-    if len(photos) < N_FLICKR:
+    photos = sorted(image_dir.glob("*.jpg"))[:n_flickr]
+    if len(photos) < n_flickr:
         print(f"note: only {len(photos)} Flickr8k photos found")
 
     results: dict = {"torch_threads": 1, "flickr8k": {
         "images": len(photos),
         "max_abs_diff_exact_vs_open_clip": _max_diff_to_open_clip(photos, openclip_pre, exact),
         "fast_vs_exact": _fast_vs_exact(photos, exact, fast),
-        "images_per_s": _speeds(photos, openclip_pre, exact, fast),
+        "images_per_s": _speeds(photos, openclip_pre, exact, fast, repeats),
     }}
     with tempfile.TemporaryDirectory() as tmp:
         for size in ((640, 480), (1280, 960)):
             for kind in ("mosaic", "upscaled"):
-                paths = _make_large_jpegs(photos, Path(tmp), size, kind)
+                paths = _make_large_jpegs(photos, Path(tmp), size, kind, n_large)
                 drafted = Image.open(paths[0])
                 drafted.draft("RGB", (SIZE, SIZE))
                 results[f"{kind}_{size[0]}x{size[1]}"] = {
@@ -123,7 +126,7 @@ def run() -> dict:
                     "draft_decodes_at": list(drafted.size),
                     "max_abs_diff_exact_vs_open_clip": _max_diff_to_open_clip(paths, openclip_pre, exact),
                     "fast_vs_exact": _fast_vs_exact(paths, exact, fast),
-                    "images_per_s": _speeds(paths, openclip_pre, exact, fast),
+                    "images_per_s": _speeds(paths, openclip_pre, exact, fast, repeats),
                 }
     _print(results)
     return results
@@ -148,5 +151,30 @@ def _print(results: dict) -> None:
                   f"cosine mean {r['fast_vs_exact']['cosine_mean']:.5f}")
 
 
+def _record(results: dict) -> None:
+    """The images/s of both modes against open_clip's, per image set, for bench/run_all.py."""
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        s = r["images_per_s"]
+        _results.record(f"{name} ({r['images']} images), exact mode", s["ours_exact"], s["open_clip"],
+                        unit="images/s", note=f"max |diff| to open_clip {r['max_abs_diff_exact_vs_open_clip']:.1e}")
+        _results.record(f"{name} ({r['images']} images), fast mode", s["ours_fast"], s["open_clip"],
+                        unit="images/s", note=f"cosine to exact mode: min {r['fast_vs_exact']['cosine_min']:.5f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flickr", type=int, default=N_FLICKR, help="Flickr8k photos (default 1000)")
+    parser.add_argument("--large", type=int, default=N_LARGE, help="generated large JPEGs per set (default 60)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed passes; the best is reported")
+    args = parser.parse_args()
+    results = run(args.flickr, args.large, args.repeats)
+    if "skipped" in results:
+        _results.skip(results["skipped"])
+    else:
+        _record(results)
+
+
 if __name__ == "__main__":
-    run()
+    main()

@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import torch
 
+import _results
 import clipforge
 from clipforge.data.synthetic import COLOURS, SHAPES, make_scenes
 from clipforge.search.index import build_index
@@ -113,14 +114,19 @@ async def _load(base: str, plan: list[tuple[str, str]], concurrency: int):
         return results, time.perf_counter() - start
 
 
-def _report(results, seconds: float) -> int:
+def _report(results, seconds: float, concurrency: int) -> int:
     errors = [r for r in results if r[2] != 200]
     print(f"{len(results)} requests in {seconds:.1f} s: {len(results) / seconds:.1f} requests/s, "
           f"{len(errors)} errors")
+    _results.record(f"throughput, {len(results)} requests at concurrency {concurrency}", len(results) / seconds,
+                    unit="requests/s", note=f"{len(errors)} errors")
     for label in [*sorted({r[0] for r in results}), "all"]:
         ms = np.array([r[1] for r in results if label in ("all", r[0])]) * 1000
         print(f"  {label:<18} {len(ms):>5} requests  p50 {np.percentile(ms, 50):8.1f} ms  "
               f"p99 {np.percentile(ms, 99):8.1f} ms  max {ms.max():8.1f} ms")
+        for q in (50, 99):
+            _results.record(f"{'all requests' if label == 'all' else label} latency p{q}", np.percentile(ms, q),
+                            unit="ms", better="lower", note=f"{len(ms)} requests at concurrency {concurrency}")
     for error in errors[:5]:
         print(f"  error: {error[0]} -> {error[2]}")
     return 1 if errors else 0
@@ -146,7 +152,7 @@ def main() -> int:
             print(f"clipforge serve on {base}: {vectors:,} items ({args.model if not args.index else store}); "
                   f"{args.requests} requests at concurrency {args.concurrency}")
             results, seconds = asyncio.run(_load(base, _requests(args.requests, vectors, seed=0), args.concurrency))
-            return _report(results, seconds)
+            return _report(results, seconds, args.concurrency)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results
 from _openclip import DATA, import_open_clip
 
 CAPTIONS = DATA / "flickr8k" / "captions.csv"
@@ -80,6 +81,7 @@ def main() -> None:
     result = run(batch_size=args.batch_size, repeats=args.repeats)
     if "skipped" in result:
         print(f"SKIPPED: {result['skipped']}")
+        _results.skip(result["skipped"])
         return
     print(f"Flickr8k captions: {result['captions']}, batch size {result['batch_size']}, "
           f"open_clip {result['open_clip_version']}")
@@ -89,6 +91,10 @@ def main() -> None:
     print(f"ratio clipforge/open_clip: cold {result['cold_ratio']:.2f}x, warm {result['warm_ratio']:.2f}x "
           f"(headline: cold)")
     print(f"identical ids: {result['identical_ids']} ({result['mismatched_rows']} rows differ)")
+    note = f"{result['captions']} Flickr8k captions, identical ids: {result['identical_ids']}"
+    for key, case in (("cold", "cold pass (empty caches)"), ("warm", "warm pass (best of repeats)")):
+        _results.record(case, result[f"clipforge_{key}_captions_per_s"], result[f"open_clip_{key}_captions_per_s"],
+                        unit="captions/s", ratio=result[f"{key}_ratio"], note=note)
     if not result["identical_ids"]:
         raise SystemExit("token ids differ from open_clip's")
 

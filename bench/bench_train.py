@@ -1,6 +1,6 @@
 """Flickr8k training recipe on CPU, and the training step against open_clip's.
 
-    bench/.venv-openclip/bin/python bench/bench_train.py recipe [--minutes M] [--output runs/f8k-bench]
+    .venv/bin/python bench/bench_train.py recipe [--minutes M] [--output runs/flickr8k-bench]
     bench/.venv-openclip/bin/python bench/bench_train.py step [--steps 20] [--threads 2]
 
 `recipe` trains `recipes/flickr8k-cpu.yaml` from scratch on ../shared/data/flickr8k split `train` for its 14.5
@@ -8,7 +8,8 @@ minutes of training (with the final validation and save: 15 minutes; the cosine 
 then prints dev Recall@1/5/10 both ways, samples/s, the peak RSS, and the ratio of dev R@10 to open_clip's own
 trainer given the same data and 15 minutes (three pilot runs, ResNet-18 at 68 px, 4x256 text tower, bf16, batch
 128: text->image R@10 15.2 %, image->text 13.9 %; the target is 1.5x both). The train/dev tables
-(image_path,caption) are written to a temporary folder.
+(image_path,caption) are written to a temporary folder. `recipe` does not use open_clip: run it with the
+project's venv (in the bench venv the trainer cannot load, as Lightning imports torchvision).
 
 `step` times one training step (forward, loss, backward, clip, AdamW, temperature clamp) of the recipe's model
 on 128 Flickr8k captions and random pixels, in clipforge and in open_clip 3.3.0 (the same architecture: OpenAI's
@@ -32,17 +33,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results
 from _openclip import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "flickr8k-cpu.yaml"
 OPEN_CLIP_R10 = {"image_retrieval_recall@10": 0.152, "text_retrieval_recall@10": 0.139}  # 15 min, 2-core CPU
+OPEN_CLIP_TRAINER = "open_clip's trainer, 15-minute pilot runs"
 
 
 def write_tables(folder: Path) -> tuple[Path, Path]:
     """train.csv and dev.csv (image_path,caption; absolute paths) from Flickr8k's captions.csv."""
     source = DATA / "flickr8k"
     if not (source / "captions.csv").is_file():
+        _results.skip(f"{source} not found (real photos live in ../shared/data beside the repo)")
         raise SystemExit(f"Flickr8k not found at {source}")
     with (source / "captions.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -78,6 +82,13 @@ def run_recipe(minutes: float | None, output: Path, extra: list[str]) -> None:
         recalls = " / ".join(f"{100 * val[f'{direction}_retrieval_recall@{k}']:.1f}" for k in (1, 5, 10))
         ratio = val[f"{direction}_retrieval_recall@10"] / OPEN_CLIP_R10[f"{direction}_retrieval_recall@10"]
         print(f"dev {name} R@1/5/10 = {recalls} %   R@10 vs open_clip: {ratio:.2f}x (target 1.5x)")
+        _results.record(f"Flickr8k dev {name} R@10 after {summary['train_seconds'] / 60:.1f} min of training",
+                        100 * val[f"{direction}_retrieval_recall@10"],
+                        100 * OPEN_CLIP_R10[f"{direction}_retrieval_recall@10"], unit="%",
+                        reference_name=OPEN_CLIP_TRAINER, note=f"R@1/5/10 {recalls} %; target 1.5x")
+    _results.record(f"recipe training throughput ({summary['precision']})", statistics.median(speeds),
+                    unit="samples/s", note=f"{summary['steps']} steps; median of logged windows")
+    _results.record("recipe peak RSS (training command)", peak_mib, unit="MiB", better="lower")
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -177,6 +188,11 @@ def run_step(steps: int, threads: int, batch: int) -> None:
         print(f"  {r['framework']:<10} {r['samples_per_sec']:7.1f} samples/s   peak RSS {r['peak_rss_mib']:6.0f} MiB")
     print(f"  ratio: {ours['samples_per_sec'] / theirs['samples_per_sec']:.2f}x samples/s (target >= 1.2), "
           f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x peak RSS (target <= 1.0)")
+    case = f"batch {batch}, {threads} thread(s), {ours['precision']}"
+    _results.record(f"training step, {case}", ours["samples_per_sec"], theirs["samples_per_sec"],
+                    unit="samples/s", note=f"{steps} timed steps; target >= 1.2x")
+    _results.record(f"training step peak RSS, {case}", ours["peak_rss_mib"], theirs["peak_rss_mib"], unit="MiB",
+                    better="lower", note="each framework in its own process; target <= 1.0x")
 
 
 def main() -> None:

@@ -80,13 +80,3 @@ def test_usage_errors_exit_2(capsys):
         main(["convert", "only-one-argument"])
     assert exc.value.code == 2
     assert "destination" in capsys.readouterr().err
-
-
-def test_demo_runs_the_core_path_and_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "demo.json").read_text())
-    assert report["trained"] is False and report["images"] == len(report["predictions"]) == 24
-    assert all(0 < row["probability"] <= 1 for row in report["predictions"])
-    assert "No trained model exists yet" in capsys.readouterr().out
-    model, _, _ = clipforge.load(tmp_path / "model")
-    assert model.image_size == 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import EXIT_OK, Command
+from .common import EXIT_FAILED, EXIT_OK, Command, UsageError
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -65,9 +65,38 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from pathlib import Path
 
-    return run_demo(args)
+    from ..demo import DemoSettings, run_demo
+
+    if args.data and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file (give a CSV/TSV/Parquet caption table)")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    output = Path(args.output)
+    index = output / "index"
+    if args.serve and (index / "index").is_dir() and not args.data:
+        print(f"serving the index of the last demo run in {output} (delete the folder to run the demo again)")
+        return _serve_demo(index, args)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    settings = DemoSettings(image_col=args.image_col, caption_col=args.caption_col, steps=args.steps,
+                            progress=not args.quiet)
+    summary = run_demo(output, data=args.data, settings=settings)
+    if args.serve:
+        return _serve_demo(index, args)
+    return EXIT_FAILED if summary["missed"] else EXIT_OK
+
+
+def _serve_demo(index, args: argparse.Namespace) -> int:
+    from ..search.index import SearchIndex, faiss_threads
+    from ..search.server import serve
+
+    opened = SearchIndex.open(index)
+    faiss_threads(1)
+    print(f"search page: http://{args.host}:{args.port or 8000}/   (Ctrl-C stops it)", flush=True)
+    serve(opened, host=args.host, port=args.port or 8000, log_level="warning")
+    return EXIT_OK
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -95,8 +124,20 @@ def _tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+DEMO_STEPS = 600  # DemoSettings.steps (not imported here: --help stays fast)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="demo-output", help="folder for the demo's outputs")
+    p.add_argument("--output", default="demo-output", help="folder for the demo's outputs (default: demo-output)")
+    p.add_argument("--data", help="your own caption table (CSV/TSV/Parquet) instead of generated scenes")
+    p.add_argument("--image-col", default="image_path", help="--data's image path column (default: image_path)")
+    p.add_argument("--caption-col", default="caption", help="--data's caption column (default: caption)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the search page on the demo's index (runs the demo first if it has not run)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="--serve: port (default: 8000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 COMMANDS: list[Command] = [
@@ -104,7 +145,7 @@ COMMANDS: list[Command] = [
     ("info", "describe a checkpoint: format, architecture, preprocessing", _info_args, cmd_info),
     ("convert", "rewrite a checkpoint as clipforge, HF or OpenAI (bit-exact)", _convert_args, cmd_convert),
     ("tokenize", "token ids of texts with OpenAI's BPE", _tokenize_args, cmd_tokenize),
-    ("demo", "run the whole system end to end on generated data", _demo_args, cmd_demo),
+    ("demo", "generate data, train, evaluate, index and report; --serve to search it", _demo_args, cmd_demo),
 ]
 
 
