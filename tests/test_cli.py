@@ -80,3 +80,16 @@ def test_usage_errors_exit_2(capsys):
         main(["convert", "only-one-argument"])
     assert exc.value.code == 2
     assert "destination" in capsys.readouterr().err
+
+
+def test_download_failures_and_worker_errors_are_one_line() -> None:
+    from clipforge.checkpoints.pretrained import DownloadError, OfflineModeError
+    from clipforge.cli import _one_line, _user_error_status
+
+    assert _user_error_status(DownloadError("x")) == 1 and _user_error_status(OfflineModeError("x")) == 1
+    assert _user_error_status(KeyError("a bug")) is None  # bugs keep their traceback
+    # What torch's DataLoader re-raises for an error in a worker process: the reason is on the last line.
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\nValueError: data.csv line 3: empty caption")
+    assert _one_line(wrapped) == "data.csv line 3: empty caption"
+    assert _one_line(ValueError("first line\nsecond")) == "first line"

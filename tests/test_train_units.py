@@ -302,3 +302,26 @@ def test_training_module_checkpoint_state_round_trip() -> None:
     other.on_load_checkpoint(restored)
     assert other._resume_position == (2, 5) and other.bad_items.bad == 1 and other.elapsed_before > 0
     assert math.isfinite(other.elapsed_before)
+
+
+def test_validation_log_restarts_with_a_fresh_run_and_is_trimmed_on_resume(tmp_path) -> None:
+    from clipforge.train.run import _trim_validation_log
+
+    log = tmp_path / "val.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "image_retrieval_recall@1": 0.1}}\n' for s in (10, 20, 30)))
+    _trim_validation_log(log, 20)  # resumed from the step-20 checkpoint: step 30 is redone
+    assert [line.count('"step": ') for line in log.read_text().splitlines()] == [1, 1]
+    assert '"step": 30' not in log.read_text()
+    _trim_validation_log(log, None)  # a fresh run in the same folder
+    assert log.read_text() == ""
+
+
+def test_validation_table_is_read_whatever_the_training_data_kind(tmp_path) -> None:
+    from clipforge.train.config import DataConfig
+    from clipforge.train.run import read_pairs
+
+    table = write_caption_dataset(tmp_path / "val", 4, size=32)
+    pairs = read_pairs(str(table), DataConfig(kind="wds"))  # the kind describes the training shards
+    assert len(pairs.images) == 4
+    with pytest.raises(ValueError, match="cannot be read as a list of pairs"):
+        read_pairs(str(table), DataConfig(), kind="wds")

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        # Re-raised from a DataLoader worker: the last line is the worker's own "ValueError: message".
+        return lines[-1].removeprefix(f"{type(err).__name__}: ")
+    return lines[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,11 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_error_status(err: Exception) -> int | None:
     """Exit status for a user's mistake (bad input, missing file); None for anything else."""
     from ..checkpoints import CheckpointError
+    from ..checkpoints.pretrained import DownloadError
     from ..transforms import ImageDecodeError
 
     if isinstance(err, UsageError):
         return EXIT_USAGE
-    if isinstance(err, (CheckpointError, ImageDecodeError, OSError, ValueError)):
+    if isinstance(err, (CheckpointError, DownloadError, ImageDecodeError, OSError, ValueError)):
         return EXIT_FAILED
     return None
 

@@ -128,9 +128,9 @@ def _uses_gpu(accelerator: str) -> bool:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def read_pairs(spec: str, cfg: DataConfig) -> Pairs:
-    """Pairs from a caption table or a labelled image folder."""
-    kind = detect_kind(spec) if cfg.kind == "auto" else cfg.kind
+def read_pairs(spec: str, cfg: DataConfig, kind: str | None = None) -> Pairs:
+    """Pairs from a caption table or a labelled image folder (`kind`: as `data.kind`, default auto-detect)."""
+    kind = detect_kind(spec) if kind in (None, "auto") else kind
     if kind == "table":
         return pairs_from_table(spec, cfg.image_col, cfg.caption_col)
     if kind == "folder":
@@ -150,7 +150,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.kind = detect_kind(cfg.data.train) if cfg.data.kind == "auto" else cfg.data.kind
         self.transform = image_transform(preprocess, is_train=cfg.data.augment)
         # Read (and validate) the table now, in the main process, so a bad file fails before any training.
-        self.pairs = None if self.kind == "wds" else read_pairs(cfg.data.train, cfg.data)
+        self.pairs = None if self.kind == "wds" else read_pairs(cfg.data.train, cfg.data, self.kind)
 
     @property
     def batch_size(self) -> int:
@@ -420,6 +420,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     datamodule = CLIPDataModule(cfg, preprocess, tokenizer)
     output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output / "config.yaml")
+    _trim_validation_log(output / "val.jsonl", _step_of(ckpt_path))
     module = CLIPTrainingModule(model, cfg.optim, cfg.loss, cfg.model, cfg.data.max_bad_fraction,
                                 cfg.run.log_every_steps)
     callbacks: list[Callback] = [PeriodicCheckpoint(output / "checkpoints", cfg.run.checkpoint_every_steps,
@@ -428,6 +429,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         callbacks.append(ProgressBar())
     validation = None
     if cfg.data.val:
+        # data.kind describes the training data (e.g. wds shards); the validation set's kind is detected on its own
         validation = RetrievalValidation(read_pairs(cfg.data.val, cfg.data), preprocess, tokenizer,
                                          cfg.data.val_batch_size, cfg.data.workers, cfg.run.val_every_epochs,
                                          output / "val.jsonl", cfg.data.val_max_images)
@@ -456,6 +458,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     return summary
 
 
+def _trim_validation_log(path: Path, resume_step: int | None) -> None:
+    """As the metrics log: a fresh run starts an empty file; a resumed one keeps the rows up to its checkpoint."""
+    if not path.is_file():
+        return
+    kept = []
+    if resume_step is not None:
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
 def _step_of(ckpt_path: str | None) -> int | None:
     if ckpt_path is None:
         return None
@@ -466,7 +479,9 @@ def _save_final(model: CLIP, folder: Path, cfg: TrainConfig, summary: dict[str, 
                 preprocess: PreprocessConfig) -> None:
     from ..checkpoints import save_model
 
-    provenance = {"trained_by": "clipforge train", "init": cfg.model.init or None, "arch": cfg.model.arch,
+    # With --init the architecture is the initial checkpoint's, whatever model.arch (a default) says.
+    provenance = {"trained_by": "clipforge train", "init": cfg.model.init or None,
+                  "arch": None if cfg.model.init else cfg.model.arch,
                   "train_data": cfg.data.train, "steps": summary["steps"],
                   "validation": summary["validation"]}
     model.eval()
