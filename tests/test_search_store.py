@@ -294,3 +294,37 @@ def test_cli_embed_reports_bad_input_in_one_line(nano, tmp_path, capsys, monkeyp
     assert status == 1 and err.strip() == f"clipforge embed: error: {tmp_path / 'nowhere'}: no such file or folder"
     assert cli.main(["embed", str(tmp_path), "--checkpoint", str(nano[0]), "--output", str(tmp_path / "s"),
                      "--part-size", "0"]) == 2
+
+
+def test_ranks_share_the_parts_and_a_resume_merges_what_each_recorded(table, nano, full_store, tmp_path):
+    output = tmp_path / "ranked"
+    # Two ranks run one after the other (a no-op barrier): rank 0 prepares the store and does parts 0 and 2,
+    # rank 1 parts 1; rank 1's record stays in its own file (the merge is rank 0's, at the end of a real run).
+    first = _embed([table], output, nano, rank=0, world_size=2, barrier=lambda: None)
+    assert first.parts_written == 2 and not read_manifest(output)["complete"]
+    second = _embed([table], output, nano, rank=1, world_size=2, barrier=lambda: None)
+    assert second.parts_written == 1 and (output / "manifest.rank-00001.json").is_file()
+    # A later run of any size folds the leftover record in, finds nothing to do, and the store is the single run's.
+    resumed = _embed([table], output, nano)
+    assert resumed.parts_written == 0 and not list(output.glob("manifest.rank-*"))
+    assert _store_files(output) == _store_files(full_store[0])
+    with pytest.raises(ValueError, match="barrier"):
+        _embed([table], tmp_path / "x", nano, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank must be in"):
+        _embed([table], tmp_path / "x", nano, rank=2, world_size=2, barrier=lambda: None)
+
+
+def test_cli_embed_on_two_processes_writes_the_single_process_store(table, nano, tmp_path):
+    stores = {}
+    for devices in ("1", "2"):
+        stores[devices] = tmp_path / f"devices-{devices}"
+        proc = subprocess.run([sys.executable, "-m", "clipforge", "embed", str(table), "--checkpoint", str(nano[0]),
+                               "--output", str(stores[devices]), "--part-size", "6", "--precision", "fp32",
+                               "--workers", "0", "--devices", devices],
+                              capture_output=True, text=True, timeout=300,
+                              # One thread per process in both runs: the bytes then cannot differ by the thread
+                              # count's effect on float summation order.
+                              env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 processes; store complete: 20 image(s) embedded" in proc.stderr
+    assert _store_files(stores["2"]) == _store_files(stores["1"])

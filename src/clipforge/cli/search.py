@@ -16,18 +16,52 @@ def cmd_embed(args: argparse.Namespace) -> int:
     settings = _embed_settings(args)
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.devices < 1 or args.num_nodes < 1:
+        raise UsageError("--devices and --num-nodes must be at least 1")
+    rank, world_size, barrier = _distributed(args)
     model, preprocess, tokenizer = load_from_args(args, fast_preprocess=not args.exact)
+    quiet = args.quiet or rank != 0
     report = embed_collection(
         args.sources, args.output, model, preprocess, tokenizer, EmbedSettings(**settings),
         checkpoint=args.checkpoint or args.model, pretrained=args.pretrained if not args.checkpoint else None,
-        num_workers=args.workers, overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
-        log=(lambda line: None) if args.quiet else None)
+        num_workers=args.workers, overwrite=args.overwrite, progress=not quiet and sys.stderr.isatty(),
+        log=(lambda line: None) if quiet else None, rank=rank, world_size=world_size, barrier=barrier)
+    if rank != 0:
+        return EXIT_OK
+    if world_size > 1:
+        from ..search.store import read_manifest
+
+        counts = read_manifest(args.output)["counts"]
+        state = "complete" if counts["parts_done"] == counts["parts"] else "incomplete"
+        rate = (report.items_embedded + report.items_failed) / max(report.seconds, 1e-9)
+        print(f"{args.output}: {world_size} processes; store {state}: {counts['vectors']} image(s) embedded, "
+              f"{counts['failed']} unreadable, in {counts['parts_done']} part(s); rank 0 ran at {rate:.1f} images/s",
+              file=sys.stderr)
+        return EXIT_OK
     done = report.items_embedded + report.items_failed
     print(f"{args.output}: {report.parts_written} part(s) written, {report.items_embedded} image(s) embedded, "
           f"{report.items_failed} unreadable, {done / max(report.seconds, 1e-9):.1f} images/s", file=sys.stderr)
     for failure in report.failures[:10]:
         print(f"  skipped {failure['path']}: {failure['reason']}", file=sys.stderr)
     return EXIT_OK
+
+
+def _distributed(args: argparse.Namespace):
+    """(rank, world size, barrier): one process unless --devices/--num-nodes ask for more or a launcher (torchrun,
+    SLURM) started several. Lightning Fabric starts the local processes and sets up the process group; each rank
+    then runs on its own device (cuda:LOCAL_RANK with --device cuda)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.devices == 1 and args.num_nodes == 1 and not launched:
+        return 0, 1, None
+    from lightning.fabric import Fabric
+
+    gpu = args.device.startswith("cuda")
+    fabric = Fabric(accelerator="cuda" if gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
+                    strategy="ddp")
+    fabric.launch()
+    if gpu:
+        args.device = str(fabric.device)
+    return fabric.global_rank, fabric.world_size, fabric.barrier
 
 
 def _embed_settings(args: argparse.Namespace) -> dict:
@@ -113,6 +147,10 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-col", help="caption table column with image paths (default image_path)")
     p.add_argument("--caption-col", help="caption table column with captions (default caption)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes on this machine, each embedding its share of the parts (one per GPU with "
+                        "--device cuda; default 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines taking part (launch with torchrun or SLURM)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

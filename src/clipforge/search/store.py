@@ -288,36 +288,79 @@ def embed_collection(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> EmbedReport:
     """Embed every image of `sources` (and their captions) into the store folder `output`.
 
     Resumes an unfinished store (same source listing, model and settings, else ValueError); a finished
     store is left as it is. `overwrite=True` starts again from scratch. `checkpoint`/`pretrained` are
-    recorded so that the index and the server can reload the same model. Returns what was done."""
+    recorded so that the index and the server can reload the same model. Returns what was done.
+
+    Several processes (`rank` of `world_size`, e.g. one per GPU or node) share the work: rank r embeds the parts
+    k with k % world_size == r and records each finished part in its own ``manifest.rank-R.json``; `barrier` (a
+    collective wait, e.g. ``torch.distributed.barrier``) lets rank 0 prepare the store first and merge every
+    rank's parts into ``manifest.json`` at the end. The store is the one a single process would write (to the
+    bit, with the same torch thread count), and a killed run resumes with any number of processes."""
     settings = settings or EmbedSettings()
     log = log or (lambda line: print(line, file=sys.stderr))
     output = Path(output)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if world_size > 1 and barrier is None:
+        raise ValueError("several ranks need a barrier (e.g. torch.distributed.barrier)")
+    wait = barrier or (lambda: None)
     listing = list_source(sources, settings.image_col, settings.caption_col)
-    manifest = _start_or_resume(output, listing, settings, model_description(model, preprocess, checkpoint, pretrained),
-                                overwrite)
+    described = model_description(model, preprocess, checkpoint, pretrained)
+    if rank == 0:
+        manifest = _start_or_resume(output, listing, settings, described, overwrite)
+    wait()  # the store exists (and was cleared or checked) before any rank writes into it
+    if rank != 0:
+        manifest = read_manifest(output)
+        _check_resumable(manifest, listing, settings, described, output)
     total_parts = manifest["counts"]["parts"]
-    todo = [k for k in range(total_parts) if _part_name(k) not in manifest["parts"]]
-    if len(todo) < total_parts:
-        log(f"resuming {output}: {total_parts - len(todo)} of {total_parts} parts already done")
+    todo = [k for k in range(total_parts) if _part_name(k) not in manifest["parts"] and k % world_size == rank]
+    if rank == 0 and manifest["counts"]["parts_done"]:
+        log(f"resuming {output}: {manifest['counts']['parts_done']} of {total_parts} parts already done")
+    mine: dict[str, Any] = {}
     started, embedded, failed, failures = time.perf_counter(), 0, 0, []
     for k in todo:
         part_items = listing.items[k * settings.part_size:(k + 1) * settings.part_size]
         entry = _embed_part(output, k, part_items, k * settings.part_size, listing, model, preprocess, tokenizer,
                             settings, num_workers, progress, desc=f"part {k + 1}/{total_parts}")
-        manifest["parts"][_part_name(k)] = entry
-        _refresh_counts(manifest)
-        _write_json_atomic(output / MANIFEST, manifest)
+        if world_size == 1:
+            manifest["parts"][_part_name(k)] = entry
+            _refresh_counts(manifest)
+            _write_json_atomic(output / MANIFEST, manifest)
+        else:  # one writer per file: each rank its own record, merged by rank 0
+            mine[_part_name(k)] = entry
+            _write_json_atomic(_rank_file(output, rank), {"parts": mine})
         embedded, failed, failures = embedded + entry["vectors"], failed + len(entry["failures"]), \
             failures + entry["failures"]
         rate = (embedded + failed) / max(time.perf_counter() - started, 1e-9)
         log(f"part {k + 1}/{total_parts}: {entry['vectors']} embedded, {len(entry['failures'])} failed; "
-            f"{rate:.1f} images/s overall")
+            f"{rate:.1f} images/s overall" + (f" (rank {rank})" if world_size > 1 else ""))
+    wait()  # every rank's parts are on disk
+    if rank == 0 and world_size > 1:
+        _merge_rank_files(output, manifest)
+    wait()  # the manifest is final before any rank returns (and, say, builds the index)
     return EmbedReport(output, len(todo), embedded, failed, time.perf_counter() - started, failures)
+
+
+def _rank_file(output: Path, rank: int) -> Path:
+    return output / f"manifest.rank-{rank:05d}.json"
+
+
+def _merge_rank_files(output: Path, manifest: dict) -> None:
+    """Fold the parts that ranks recorded in their own files (this run's, or a killed run's) into the manifest."""
+    files = sorted(output.glob("manifest.rank-*.json"))
+    for path in files:
+        manifest["parts"].update(json.loads(path.read_text(encoding="utf-8"))["parts"])
+    _refresh_counts(manifest)
+    _write_json_atomic(output / MANIFEST, manifest)
+    for path in files:
+        path.unlink()
 
 
 def _part_name(k: int) -> str:
@@ -331,6 +374,7 @@ def _start_or_resume(output: Path, listing: SourceListing, settings: EmbedSettin
     if path.exists() and not overwrite:
         manifest = read_manifest(output)
         _check_resumable(manifest, listing, settings, described, output)
+        _merge_rank_files(output, manifest)  # parts finished by the ranks of a killed multi-process run
     else:
         if output.exists() and any(output.iterdir()) and not path.exists():
             raise ValueError(f"{output}: folder exists and is not an embedding store; choose an empty or new "
@@ -396,6 +440,8 @@ def _clear_store(output: Path) -> None:
     for f in index_dir.glob("*") if index_dir.is_dir() else ():
         f.unlink()
     (output / MANIFEST).unlink(missing_ok=True)
+    for f in output.glob("manifest.rank-*.json"):
+        f.unlink()
     output.mkdir(parents=True, exist_ok=True)
 
 
