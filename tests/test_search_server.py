@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,6 +86,10 @@ def test_health_page_and_openapi(client):
     assert {"/search", "/similar/{item_id}", "/embed/text", "/embed/image", "/classify", "/images/{item_id}",
             "/healthz", "/metrics"} <= set(paths)
     assert {"get", "post"} <= set(paths["/search"])
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # works offline: assets come from the app
+    script = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', docs.text).group(1)
+    assert client.get(script).status_code == 200 and "SwaggerUIBundle" in client.get(script).text
 
 
 def test_text_and_image_search_answer_what_the_library_answers(client, index):

@@ -31,6 +31,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -160,8 +161,10 @@ def create_app(index: SearchIndex, limits: Limits | None = None, templates: str 
     """The FastAPI app serving `index` (its model is loaded now, so that the first request is not slow)."""
     limits = limits or Limits()
     index.ensure_model()
-    app = FastAPI(title="clipforge search", version=_version(),
-                  description="Search images by text or by image, embed, and classify with CLIP.")
+    # The API docs pages (/docs, /redoc) with their scripts served by the app itself, not fetched from a CDN: they
+    # work on machines without internet access.
+    app = FastAPIOffline(title="clipforge search", version=_version(),
+                         description="Search images by text or by image, embed, and classify with CLIP.")
     state = _State(index, limits, templates)
     _install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=limits.max_upload_bytes + 64 * 1024)  # form fields and multipart framing
