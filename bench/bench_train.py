@@ -13,7 +13,8 @@ project's venv (in the bench venv the trainer cannot load, as Lightning imports 
 
 `step` times one training step (forward, loss, backward, clip, AdamW, temperature clamp) of the recipe's model
 on 128 Flickr8k captions and random pixels, in clipforge and in open_clip 3.3.0 (the same architecture: OpenAI's
-ResNet [1,1,1,1]x32 at 64 px, text 4x256, context 32; bf16 autocast where the CPU has native bf16, else fp32),
+ResNet [1,1,1,1]x32 at the recipe's image size, 96 px, text 4x256, context 32; bf16 autocast where the CPU has
+native bf16, else fp32),
 each in its own process so that its peak RSS is its own, and prints samples/s and peak RSS with the ratios
 (targets: >= 1.2x samples/s, no more memory). clipforge gets the token ids as its collate makes them (padding
 columns no caption uses are cut), open_clip as its own data pipeline makes them (the full context).
@@ -118,14 +119,16 @@ def _step_worker(framework: str, steps: int, threads: int, batch: int) -> dict:
     # which Lightning imports) loadable beside the CPU torch.
     import_open_clip()
     from clipforge.model import cpu_has_native_bf16
+    from clipforge.train.config import load_config
 
     bf16 = cpu_has_native_bf16()
+    size = load_config(RECIPE).model.image_size or 64  # both models at the recipe's resolution
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, 64, 64)
+    images = torch.randn(batch, 3, size, size)
     texts = _caption_ids(batch)
     if framework == "clipforge":
         from clipforge.data.loading import trim_padding
-        from clipforge.train.config import LossConfig, OptimConfig, load_config
+        from clipforge.train.config import LossConfig, OptimConfig
         from clipforge.train.module import CLIPTrainingModule
         from clipforge.train.run import build_model
 
@@ -141,7 +144,7 @@ def _step_worker(framework: str, steps: int, threads: int, batch: int) -> dict:
         from open_clip.loss import ClipLoss
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-        model = CLIP(256, CLIPVisionCfg(layers=(1, 1, 1, 1), width=32, image_size=64),
+        model = CLIP(256, CLIPVisionCfg(layers=(1, 1, 1, 1), width=32, image_size=size),
                      CLIPTextCfg(context_length=32, vocab_size=49408, width=256, heads=4, layers=4), output_dict=True)
         model.train()
         criterion = ClipLoss()
