@@ -258,6 +258,7 @@ def _summary(results: dict[str, dict], trained: dict, tables: dict, settings: De
         "metrics": metrics, "chance": chance, "thresholds": thresholds, "missed": missed,
         "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
         "model": str(Path(trained["final"]).resolve()), "index": str(store.resolve()),
+        "output": str(store.parent),
         "settings": asdict(settings),
     }
 
@@ -274,7 +275,8 @@ def _print_summary(summary: dict[str, Any], say: Callable[[str], None]) -> None:
             f"{summary['chance']['colour_acc1']:.0%}), shape {m['shape_acc1']:.1%} "
             f"(chance {summary['chance']['shape_acc1']:.0%})")
     say(f"4. search index of the validation images: {summary['index']}")
-    say(f"   search it: clipforge search {summary['index']} \"a red circle\"   or serve it: clipforge demo --serve")
+    say(f"   search it: clipforge search \"a red circle\" --index {summary['index']}")
+    say(f"   serve it:  clipforge demo --serve --output {summary['output']}")
     say(f"5. report: {summary['report']}")
     say(f"done in {summary['seconds']:.0f} s")
     for name in summary["missed"]:
