@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -209,13 +210,17 @@ def main() -> None:
     recipe.add_argument("--minutes", type=float, help="training wall time (default: the recipe's 14.5 minutes)")
     recipe.add_argument("--output", type=Path, default=ROOT / "runs" / "flickr8k-bench")
     recipe.add_argument("--set", action="append", default=[], help="extra config overrides (section.key=value)")
+    recipe.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads (default: every core; the recipe's `auto` would read a busy machine "
+                             "from the load that the benchmarks run just before leave behind)")
     step = sub.add_parser("step")
     step.add_argument("--steps", type=int, default=20)
     step.add_argument("--threads", type=int, default=2)
     step.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     if args.what == "recipe":
-        run_recipe(args.minutes, args.output, [arg for item in args.set for arg in ("--set", item)])
+        overrides = [f"run.threads={args.threads}", *args.set]
+        run_recipe(args.minutes, args.output, [arg for item in overrides for arg in ("--set", item)])
     else:  # the default, so that `make bench` runs something short
         run_step(getattr(args, "steps", 20), getattr(args, "threads", 2), getattr(args, "batch", 128))
 

@@ -315,6 +315,18 @@ def _estimate(selected: list[Benchmark], previous: Path, quick: bool) -> str:
     return f"about {minutes:.0f} minutes ({source})"
 
 
+def _updated(previous: dict, report: dict) -> dict:
+    """`previous` with the benchmarks of `report` replaced (or added, in the driver's order); the command and
+    wall time stay those of the full run, and each replaced benchmark keeps the command that ran it."""
+    fresh = {b["name"]: b for b in report["benchmarks"]}
+    kept = {b["name"]: b for b in previous.get("benchmarks", [])}
+    kept.update(fresh)
+    order = [b.name for b in BENCHMARKS]
+    merged = sorted(kept.values(), key=lambda b: order.index(b["name"]) if b["name"] in order else len(order))
+    return {**previous, "machine": report["machine"], "benchmarks": merged,
+            "updated": sorted(fresh), "quick": previous.get("quick", False) or report["quick"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-recipe", action="store_true", help="leave out the 15-minute Flickr8k training run")
@@ -326,6 +338,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60, help="minutes one benchmark may run (default 60)")
     parser.add_argument("--json", type=Path, default=BENCH / "results.json", help="default: bench/results.json")
     parser.add_argument("--markdown", type=Path, default=BENCH / "results.md", help="default: bench/results.md")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the benchmarks run now in the existing results (e.g. with --only)")
     args = parser.parse_args()
 
     selected = list(BENCHMARKS)
@@ -371,6 +385,8 @@ def main() -> int:
     command = REPRODUCE + (f" BENCH_ARGS={shlex.quote(' '.join(options))}" if options else "")
     report = {"command": command, "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
               "machine": info, "benchmarks": [vars(o) for o in outcomes]}
+    if args.update and args.json.is_file():
+        report = _updated(json.loads(args.json.read_text(encoding="utf-8")), report)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     args.markdown.write_text(markdown(report), encoding="utf-8")
     counts = collections.Counter(o.status for o in outcomes)
