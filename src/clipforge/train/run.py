@@ -497,5 +497,5 @@ def _quiet_lightning() -> None:
                     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
                     ".*when logging on epoch level in distributed setting.*",  # validation runs on rank 0 only
                     ".*Your `IterableDataset` has `__len__` defined.*",  # ShardStream splits its length over workers
-                    ".*is smaller than the logging interval.*"):  # a small data set: the log still gets every step
+                    ".*is smaller than the logging interval.*"):  # a small data set: logging follows the global step
         warnings.filterwarnings("ignore", message=pattern)
