@@ -113,3 +113,9 @@ def test_demo_bad_data_is_one_line(tmp_path, capsys) -> None:
     assert "5 distinct images" in err and len(err.splitlines()) == 1
     assert main(["demo", "--data", str(table), "--caption-col", "nope"]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_default_steps_are_the_demos() -> None:
+    from clipforge.cli.core import DEMO_STEPS  # a copy, so that `clipforge --help` does not import the demo
+
+    assert DemoSettings().steps == DEMO_STEPS
