@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..eval.report import _gallery_figure, _pyplot, _save, write_result_json
+from ..eval.report import gallery_figure, pyplot, save_figure, write_result_json
 
 
 def write_demo_report(folder: Path, summary: dict[str, Any], results: dict[str, dict], gallery: list[dict],
@@ -16,8 +16,8 @@ def write_demo_report(folder: Path, summary: dict[str, Any], results: dict[str, 
     """Write the plots and pages into `folder` (the evaluation JSONs and plots are already there); returns the
     path of ``index.html``."""
     folder.mkdir(parents=True, exist_ok=True)
-    figures = {"training": _save(_training_figure(_read_metrics(metrics_csv)), folder / "training.png").name,
-               "search": _save(_gallery_figure({"gallery": gallery, "model": {"name": "demo index"},
+    figures = {"training": save_figure(_training_figure(_read_metrics(metrics_csv)), folder / "training.png").name,
+               "search": save_figure(gallery_figure({"gallery": gallery, "model": {"name": "demo index"},
                                                 "dataset": {"name": "validation images"}}),
                                folder / "search.png").name}
     write_result_json({"queries": gallery}, folder / "search.json")
@@ -41,7 +41,7 @@ def _read_metrics(path: Path) -> dict[str, list[float]]:
 
 
 def _training_figure(columns: dict[str, list[tuple[float, float]]]):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
     for ax, (name, label) in zip(axes, (("loss", "contrastive loss"), ("logit_scale", "logit scale (exp)"),
                                         ("lr", "learning rate")), strict=True):

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUMMARY_COLUMNS", "report_stem", "summary_rows", "write_plots", "write_report", "write_result_json",
-           "write_summary"]
+__all__ = ["SUMMARY_COLUMNS", "gallery_figure", "pyplot", "report_stem", "save_figure", "summary_rows", "write_plots",
+           "write_report", "write_result_json", "write_summary"]
 
 # Columns of the suite table: identity, size, then the headline metrics of every task (blank where a task
 # has no such metric).
@@ -75,17 +75,17 @@ def write_plots(result: dict[str, Any], output_dir: str | Path, stem: str) -> di
     output_dir = Path(output_dir)
     written: dict[str, Path] = {}
     if result.get("recall_curve"):
-        written["recall"] = _save(_recall_figure(result), output_dir / f"{stem}.recall.png")
+        written["recall"] = save_figure(_recall_figure(result), output_dir / f"{stem}.recall.png")
     if result.get("gallery"):
-        written["gallery"] = _save(_gallery_figure(result), output_dir / f"{stem}.gallery.png")
+        written["gallery"] = save_figure(gallery_figure(result), output_dir / f"{stem}.gallery.png")
     if result.get("confusion_matrix"):
-        written["confusion"] = _save(_confusion_figure(result), output_dir / f"{stem}.confusion.png")
+        written["confusion"] = save_figure(_confusion_figure(result), output_dir / f"{stem}.confusion.png")
     if result.get("weight_decay_sweep"):
-        written["sweep"] = _save(_sweep_figure(result), output_dir / f"{stem}.sweep.png")
+        written["sweep"] = save_figure(_sweep_figure(result), output_dir / f"{stem}.sweep.png")
     return written
 
 
-def _pyplot():
+def pyplot():
     """pyplot on the Agg backend: renders to files, needs no display, safe in worker threads and CI."""
     import matplotlib
 
@@ -100,7 +100,7 @@ def _title(result: dict[str, Any]) -> str:
 
 
 def _recall_figure(result: dict[str, Any]):
-    plt = _pyplot()
+    plt = pyplot()
     curve = result["recall_curve"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(curve["k"], curve["image_retrieval"], marker=".", label="text → image (image_retrieval)")
@@ -116,11 +116,11 @@ def _recall_figure(result: dict[str, Any]):
     return fig
 
 
-def _gallery_figure(result: dict[str, Any]):
+def gallery_figure(result: dict[str, Any]):
     """One row per query caption: its best-scoring images, score above each, the correct one framed green."""
     from ..transforms import load_image
 
-    plt = _pyplot()
+    plt = pyplot()
     queries = result["gallery"]
     cols = max(len(q["top"]) for q in queries)
     fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 2.1 * len(queries)), dpi=100, squeeze=False)
@@ -150,7 +150,7 @@ def _gallery_figure(result: dict[str, Any]):
 def _confusion_figure(result: dict[str, Any]):
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(result["confusion_matrix"], dtype=np.float64)
     names = [row["class"] for row in result.get("per_class_recall", [])] or [str(i) for i in range(len(matrix))]
     # Row-normalised, so that a class with many samples does not wash out the others; empty rows stay 0.
@@ -171,7 +171,7 @@ def _confusion_figure(result: dict[str, Any]):
 
 
 def _sweep_figure(result: dict[str, Any]):
-    plt = _pyplot()
+    plt = pyplot()
     sweep = result["weight_decay_sweep"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot([p["weight_decay"] for p in sweep], [p["val_acc1"] for p in sweep], marker="o")
@@ -186,10 +186,10 @@ def _sweep_figure(result: dict[str, Any]):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     _atomic_write_bytes(path, buffer.getvalue())
     return path
 
