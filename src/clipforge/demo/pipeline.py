@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# The README quotes these (a test checks it). Chosen from measured runs of the default settings on a 2-core CPU:
-# R@10 0.89-0.91 text->image and 0.85 image->text, colour 1.00, shape 0.52-0.79 (bf16 runs differ in their last
-# bits, and shape is the slow attribute to learn). Chance: R@10 2 %, colour 1/6, shape 1/4.
+# The README quotes these (a test checks it). Chosen from three measured runs of the default settings on a 2-core
+# CPU: R@10 0.89-0.91 text->image and 0.85 image->text, colour 1.00, shape 0.52-0.79 (bf16 runs differ in their
+# last bits, and shape is the slow attribute to learn). Chance: R@10 2 %, colour 1/6, shape 1/4.
 THRESHOLDS = {"image_retrieval_recall@10": 0.60, "text_retrieval_recall@10": 0.60,
               "colour_acc1": 0.90, "shape_acc1": 0.40}
 COLOUR_TEMPLATES = ("a {} shape.", "a photo of a {} shape.", "something {}.")
