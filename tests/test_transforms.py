@@ -416,3 +416,29 @@ def test_transform_pickles_for_dataloader_workers(is_train, fast):
     torch.manual_seed(5)
     assert torch.equal(clone(image), expected)
     assert "ImageTransform(size=32" in repr(clone)
+
+
+def test_train_flip_mirrors_the_same_crop_half_the_time() -> None:
+    from clipforge.data.synthetic import make_scenes
+
+    image = make_scenes(1, size=64, seed=4)[0].image
+    plain = image_transform(PreprocessConfig(image_size=32), is_train=True)
+    flipping = image_transform(PreprocessConfig(image_size=32), is_train=True, hflip=True)
+    flipped = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        want = plain(image)
+        torch.manual_seed(seed)
+        got = flipping(image)  # the same crop (drawn first), then a coin
+        if torch.equal(got, want):
+            continue
+        assert torch.equal(got, want.flip(-1)), seed
+        flipped += 1
+    assert 10 <= flipped <= 30  # about half of 40; a binomial count outside this happens < 0.2 % of the time
+
+
+def test_train_crop_scale_is_checked() -> None:
+    with pytest.raises(ValueError, match="crop scale"):
+        image_transform(PreprocessConfig(image_size=32), is_train=True, train_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="crop scale"):
+        image_transform(PreprocessConfig(image_size=32), is_train=True, train_scale=(0.9, 0.5))

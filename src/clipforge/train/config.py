@@ -66,6 +66,8 @@ class DataConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # image folders: class -> caption
     sample_captions: bool = False  # tables: one item per image, a random caption of it each time
     augment: bool = True  # random resized crop for training (scale 0.9-1.0), else the eval transform
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # augment: share of the area kept
+    hflip: bool = False  # augment: flip images left-right half the time (fine unless captions say left/right)
     workers: int = 2
     train_num_samples: int | None = None  # WebDataset: samples per epoch (required for shards)
     shuffle_buffer: int = 1000  # WebDataset sample shuffle buffer

@@ -148,7 +148,10 @@ class CLIPDataModule(L.LightningDataModule):
                              "folder or WebDataset shards")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.kind = detect_kind(cfg.data.train) if cfg.data.kind == "auto" else cfg.data.kind
-        self.transform = image_transform(preprocess, is_train=cfg.data.augment)
+        if len(cfg.data.crop_scale) != 2:
+            raise ValueError(f"data.crop_scale must be [low, high], got {cfg.data.crop_scale}")
+        self.transform = image_transform(preprocess, is_train=cfg.data.augment, train_scale=tuple(cfg.data.crop_scale),
+                                         hflip=cfg.data.hflip)
         # Read (and validate) the table now, in the main process, so a bad file fails before any training.
         self.pairs = None if self.kind == "wds" else read_pairs(cfg.data.train, cfg.data, self.kind)
 
