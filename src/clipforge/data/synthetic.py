@@ -31,6 +31,7 @@ __all__ = [
     "make_scenes",
     "write_caption_dataset",
     "write_labelled_dataset",
+    "write_table",
 ]
 
 # Well separated hues, so that a colour name always matches what is seen; each is jittered per scene.
@@ -141,7 +142,7 @@ def write_caption_dataset(folder: str | Path, n: int, size: int = 64, seed: int 
     rows = [(_save_image(scene.image, folder, f"images/{i:06d}", image_format), scene.caption)
             for i, scene in enumerate(scenes)]
     table = folder / f"captions.{fmt}"
-    _write_table(table, ("image_path", "caption"), rows, fmt)
+    write_table(table, ("image_path", "caption"), rows, fmt)
     return table
 
 
@@ -158,7 +159,7 @@ def write_labelled_dataset(folder: str | Path, n_per_class: int, size: int = 64,
             colour, shape = label.split(" ")
             scene = make_scene(rng, size, n_shapes=1, colour=colour, shape=shape)
             rows.append((_save_image(scene.image, folder, f"{label}/{i:06d}", image_format), label))
-    _write_table(folder / "labels.csv", ("image_path", "label"), rows, "csv")
+    write_table(folder / "labels.csv", ("image_path", "label"), rows, "csv")
     return folder
 
 
@@ -235,7 +236,8 @@ def _save_image(image: Image.Image, folder: Path, stem: str, image_format: str) 
     return relative
 
 
-def _write_table(path: Path, header: tuple[str, ...], rows: list[tuple[str, ...]], fmt: str) -> None:
+def write_table(path: Path, header: tuple[str, ...], rows: list[tuple[str, ...]], fmt: str = "csv") -> None:
+    """`rows` under `header` as ``csv``, ``tsv`` or ``parquet`` (all columns strings); creates the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
         import pyarrow as pa

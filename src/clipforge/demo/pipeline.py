@@ -125,23 +125,16 @@ def run_demo(output: str | Path, data: str | Path | None = None, settings: DemoS
 
 def _generate(folder: Path, settings: DemoSettings) -> dict[str, Any]:
     """Train and validation caption tables, and held-out single-shape scenes labelled by colour and by shape."""
-    from ..data.synthetic import CLASSES, make_scene, write_caption_dataset
+    from ..data.synthetic import write_caption_dataset, write_labelled_dataset, write_table
 
     train = write_caption_dataset(folder / "train", settings.train_scenes, settings.image_size, settings.seed)
     val = write_caption_dataset(folder / "val", settings.val_scenes, settings.image_size, settings.seed + 1)
-    heldout = folder / "heldout"
-    (heldout / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(settings.seed + 2)
-    colours, shapes = [], []
-    for i in range(settings.heldout_per_class):
-        for label in CLASSES:
-            colour, shape = label.split(" ")
-            name = f"images/{i:03d}-{colour}-{shape}.png"
-            make_scene(rng, settings.image_size, n_shapes=1, colour=colour, shape=shape).image.save(heldout / name)
-            colours.append((name, colour))
-            shapes.append((name, shape))
-    for stem, rows in (("colours", colours), ("shapes", shapes)):
-        _write_csv(heldout / f"{stem}.csv", ("image_path", "label"), rows)
+    heldout = write_labelled_dataset(folder / "heldout", settings.heldout_per_class, settings.image_size,
+                                     settings.seed + 2)
+    with (heldout / "labels.csv").open(newline="", encoding="utf-8") as handle:
+        labelled = [(row["image_path"], *row["label"].split(" ")) for row in csv.DictReader(handle)]
+    for stem, column in (("colours", 1), ("shapes", 2)):  # labels are "<colour> <shape>"
+        write_table(heldout / f"{stem}.csv", ("image_path", "label"), [(row[0], row[column]) for row in labelled])
     return {"train": train, "val": val, "colours": heldout / "colours.csv", "shapes": heldout / "shapes.csv",
             "train_images": settings.train_scenes, "val_images": settings.val_scenes}
 
@@ -149,6 +142,7 @@ def _generate(folder: Path, settings: DemoSettings) -> dict[str, Any]:
 def _split_user_table(table: Path, folder: Path, settings: DemoSettings) -> dict[str, Any]:
     """Split the user's caption table by image (every caption of an image on one side), deterministically."""
     from ..data.sources import read_caption_table
+    from ..data.synthetic import write_table
 
     pairs = read_caption_table(table, settings.image_col, settings.caption_col)
     images = sorted({str(p.resolve()) for p in pairs.image_paths})
@@ -163,17 +157,9 @@ def _split_user_table(table: Path, folder: Path, settings: DemoSettings) -> dict
         rows["val" if str(path.resolve()) in val_images else "train"].append((str(path.resolve()), caption))
     header = (settings.image_col, settings.caption_col)
     for split, split_rows in rows.items():
-        _write_csv(folder / f"{split}.csv", header, split_rows)
+        write_table(folder / f"{split}.csv", header, split_rows)
     return {"train": folder / "train.csv", "val": folder / "val.csv", "train_images": len(images) - n_val,
             "val_images": n_val}
-
-
-def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def _evaluate(model, preprocess, tokenizer, tables: dict[str, Any], settings: DemoSettings,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["classification_metrics", "target_ranks"]
+__all__ = ["as_float_matrix", "classification_metrics", "target_ranks"]
 
 
 def classification_metrics(
@@ -105,3 +105,20 @@ def _validate(logits: Any, targets: Any,
         if len(names) != c:
             raise ValueError(f"classification_metrics: {len(names)} class names for {c} logit columns")
     return logits, targets, names
+
+
+def as_float_matrix(x: Any, name: str, where: str, shape: str = "[N, D]", keep_fp64: bool = False) -> torch.Tensor:
+    """`x` as a finite, non-empty 2-D float tensor (fp32, or fp64 kept when `keep_fp64`), detached and contiguous;
+    else a one-line ValueError naming `where`, `name` and the first bad row."""
+    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{where}: {name} must be a non-empty {shape} matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{where}: {name} must hold floats, got {x.dtype}")
+    # Half precision has neither the range nor the BLAS speed on CPU.
+    x = x.detach()
+    x = x if keep_fp64 and x.dtype == torch.float64 else x.float()
+    if not torch.isfinite(x).all():
+        row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
+        raise ValueError(f"{where}: {name} row {row} holds NaN or infinite values")
+    return x.contiguous()

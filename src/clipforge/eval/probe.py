@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .classification import classification_metrics, target_ranks
+from .classification import as_float_matrix, classification_metrics, target_ranks
 
 __all__ = ["few_shot_indices", "linear_probe"]
 
@@ -263,22 +263,10 @@ def _as_labels(labels: Any, name: str, where: str) -> torch.Tensor:
     return labels
 
 
-def _as_features(x: Any, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"linear_probe: {name} must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"linear_probe: {name} must hold floats, got {x.dtype}")
-    x = x.detach().float()
-    if not torch.isfinite(x).all():
-        row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
-        raise ValueError(f"linear_probe: {name} row {row} holds NaN or infinite values")
-    return x
-
-
 def _validate(train_features: Any, train_labels: Any, test_features: Any, test_labels: Any,
               class_names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    x_train, x_test = _as_features(train_features, "train_features"), _as_features(test_features, "test_features")
+    x_train = as_float_matrix(train_features, "train_features", "linear_probe")
+    x_test = as_float_matrix(test_features, "test_features", "linear_probe")
     if x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"linear_probe: train_features have {x_train.shape[1]} dimensions but test_features "
                          f"{x_test.shape[1]}; both must come from the same model")

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .classification import as_float_matrix
+
 __all__ = ["retrieval_metrics"]
 
 # Scores per block when chunk_size is not given: 2**24 fp32 = 64 MiB. Fewer, larger blocks mean fewer
@@ -89,17 +91,7 @@ def retrieval_metrics(
 
 
 def _as_embeddings(x: Any, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"retrieval_metrics: {name} must be a non-empty [N, E] matrix, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"retrieval_metrics: {name} must hold floats, got {x.dtype}")
-    # Half precision has neither the range nor the BLAS speed on CPU; fp64 is kept as given.
-    x = x.float() if x.dtype != torch.float64 else x
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
-        raise ValueError(f"retrieval_metrics: {name} row {bad} holds NaN or infinite values")
-    return x.contiguous()
+    return as_float_matrix(x, name, "retrieval_metrics", "[N, E]", keep_fp64=True)  # fp64 is kept as given
 
 
 def _validate(image_emb: Any, text_emb: Any, text_to_image: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
