@@ -50,18 +50,19 @@ class DemoSettings:
         "embed_dim": 128})
 
 
-def demo_recipe(settings: DemoSettings, train_table: Path, val_table: Path, output: Path):
-    """The training config of the demo (also saved by the run as ``OUTPUT/train/config.yaml``)."""
+def demo_recipe(settings: DemoSettings, train_table: Path, output: Path):
+    """The training config of the demo (also saved by the run as ``OUTPUT/train/config.yaml``). No validation
+    pass inside training: the demo evaluates the final model once, on the same validation table, afterwards."""
     from ..train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
     return TrainConfig(
         model=ModelConfig(image_size=settings.image_size, **settings.model),
-        data=DataConfig(train=str(train_table), val=str(val_table), image_col=settings.image_col,
-                        caption_col=settings.caption_col, sample_captions=True, workers=1, val_batch_size=250),
+        data=DataConfig(train=str(train_table), image_col=settings.image_col, caption_col=settings.caption_col,
+                        sample_captions=True, workers=1),
         optim=OptimConfig(epochs=1000, max_steps=settings.steps, max_minutes=settings.max_minutes,
                           batch_size=settings.batch_size, lr=2e-3, warmup=30, wd=0.1),
         run=RunConfig(output=str(output), precision="auto", threads="auto", checkpoint_every_steps=200,
-                      log_every_steps=5, val_every_epochs=1000, progress=settings.progress),
+                      log_every_steps=5, progress=settings.progress),
     )
 
 
@@ -97,7 +98,7 @@ def run_demo(output: str | Path, data: str | Path | None = None, settings: DemoS
         f"at most {settings.max_minutes:g} min) ...")
     if tables["train_images"] < settings.batch_size:  # a small table of the user's: one batch holds all of it
         settings = replace(settings, batch_size=tables["train_images"])
-    cfg = demo_recipe(settings, tables["train"], tables["val"], out / "train")
+    cfg = demo_recipe(settings, tables["train"], out / "train")
     trained = train(cfg)
     timings["train"] = time.perf_counter() - clock
     say(f"   trained {trained['steps']} steps in {trained['train_seconds']:.0f} s ({trained['precision']})")
