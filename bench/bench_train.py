@@ -13,8 +13,8 @@ project's venv (in the bench venv the trainer cannot load, as Lightning imports 
 
 `step` times one training step (forward, loss, backward, clip, AdamW, temperature clamp) of the recipe's model
 on 128 Flickr8k captions and random pixels, in clipforge and in open_clip 3.3.0 (the same architecture: OpenAI's
-ResNet [1,1,1,1]x32 at the recipe's image size, 96 px, text 4x256, context 32; bf16 autocast where the CPU has
-native bf16, else fp32),
+ResNet [1,1,1,1]x32 at the recipe's image size, 96 px, and the recipe's text tower, 256 wide, context 32; bf16
+autocast where the CPU has native bf16, else fp32),
 each in its own process so that its peak RSS is its own, and prints samples/s and peak RSS with the ratios
 (targets: >= 1.2x samples/s, no more memory). clipforge gets the token ids as its collate makes them (padding
 columns no caption uses are cut), open_clip as its own data pipeline makes them (the full context).
@@ -145,8 +145,13 @@ def _step_worker(framework: str, steps: int, threads: int, batch: int) -> dict:
         from open_clip.loss import ClipLoss
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
+        from clipforge.model import get_model_config
+
+        recipe = load_config(RECIPE).model
+        text_layers = recipe.text_layers or get_model_config(recipe.arch).text.layers
         model = CLIP(256, CLIPVisionCfg(layers=(1, 1, 1, 1), width=32, image_size=size),
-                     CLIPTextCfg(context_length=32, vocab_size=49408, width=256, heads=4, layers=4), output_dict=True)
+                     CLIPTextCfg(context_length=32, vocab_size=49408, width=256, heads=4, layers=text_layers),
+                     output_dict=True)
         model.train()
         criterion = ClipLoss()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "positional" not in n]

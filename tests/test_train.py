@@ -180,3 +180,17 @@ def test_too_many_bad_items_stop_the_run_with_examples(tmp_path, capsys) -> None
     assert 200 <= int(seen) < 230 and 20 <= float(fraction) <= 30  # stopped at the first check, 25 % bad
     assert max(_losses(out)) < 15  # ... long before the last of the 16 steps
     assert not (out / "final").exists()
+
+
+def test_captions_per_image_trains_and_bad_settings_get_one_line(scenes, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    flags = ["--train-data", str(scenes["train"]), "--batch-size", "32", "--set", "optim.max_steps=3"]
+    status = train_main([*flags, "--output", str(out), "--set", "data.sample_captions=true",
+                         "--set", "data.captions_per_image=2", *_set_flags(TINY)])
+    assert status == 0
+    losses = _losses(out)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+    status = train_main([*flags, "--output", str(tmp_path / "bad"), "--set", "data.captions_per_image=2",
+                         *_set_flags(TINY)])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and any("data.captions_per_image=2 needs data.sample_captions: true" in m for m in message)

@@ -115,6 +115,19 @@ def test_clip_loss_known_values() -> None:
     assert ClipLoss()(img, txt, torch.tensor(20.0)).item() == pytest.approx(manual.item(), rel=1e-6)
 
 
+def test_clip_loss_label_smoothing_known_value() -> None:
+    # Orthogonal pairs, B=3, smoothing e: each row's target puts 1 - e + e/3 on the match and e/3 elsewhere.
+    feats, scale, eps = torch.eye(3), torch.tensor(5.0), 0.3
+    log_z = math.log(math.exp(5) + 2)
+    expected = -((1 - eps + eps / 3) * (5 - log_z) + 2 * (eps / 3) * (0 - log_z))
+    assert ClipLoss(label_smoothing=eps)(feats, feats, scale).item() == pytest.approx(expected, rel=1e-6)
+    assert build_loss("clip", label_smoothing=eps)(feats, feats, scale).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        ClipLoss(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="clip loss only"):
+        build_loss("siglip", label_smoothing=0.1)
+
+
 def test_siglip_loss_known_values() -> None:
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     scale, bias = torch.tensor(10.0), torch.tensor(-5.0)

@@ -234,6 +234,40 @@ def test_sample_captions_draws_one_item_per_image(tmp_path) -> None:
     assert dataset[(7, 1)][1] == dataset[(7, 1)][1]  # but the same one for the same epoch
 
 
+def test_captions_per_image_draws_distinct_captions_in_image_major_batches(tmp_path) -> None:
+    scenes = make_scenes(3, size=32, seed=0)
+    for i, scene in enumerate(scenes):
+        scene.image.save(tmp_path / f"{i}.png")
+    captions = [[f"image {i} caption {j}" for j in range(n)] for i, n in enumerate((5, 3, 1))]
+    pairs = Pairs([str(tmp_path / f"{i}.png") for i in range(3)], captions)
+    dataset = PairDataset(pairs, image_transform(32), sample_captions=True, captions_per_image=3)
+    for epoch in range(5):
+        drawn = [dataset[(epoch, i)][1] for i in range(3)]
+        assert all(len(texts) == 3 and set(texts) <= set(captions[i]) for i, texts in enumerate(drawn))
+        assert len(set(drawn[0])) == 3 and sorted(drawn[1]) == sorted(captions[1])  # distinct while there are 3
+        assert drawn[2] == ("image 2 caption 0",) * 3  # repeated when there are fewer
+    assert dataset[(4, 0)][1] == dataset[(4, 0)][1]  # seeded per (epoch, item)
+    assert len({dataset[(epoch, 0)][1] for epoch in range(10)}) > 1
+    tokenizer = Tokenizer(16)
+    batch = collate_pairs([dataset[(0, i)] for i in range(3)], tokenizer)
+    assert batch["images"].shape[0] == 3 and batch["texts"].shape[0] == 9
+    expected = [text for i in range(3) for text in dataset[(0, i)][1]]  # image i's captions are rows 3i..3i+2
+    assert torch.equal(batch["texts"], tokenizer(expected)[:, :batch["texts"].shape[1]])
+    with pytest.raises(ValueError, match="captions_per_image must be 1, or more with sample_captions"):
+        PairDataset(pairs, image_transform(32), captions_per_image=2)
+
+
+def test_loss_over_several_captions_is_the_mean_of_each_captions_loss() -> None:
+    module = CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig())
+    g = torch.Generator().manual_seed(3)
+    images = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 2, 8, generator=g), dim=-1)
+    expected = (module.compute_loss(images, texts[:, 0]) + module.compute_loss(images, texts[:, 1])) / 2
+    got = module.compute_loss(images, texts.reshape(8, 8))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(got.item() - module.compute_loss(images, texts[:, 0]).item()) > 1e-3
+
+
 def test_epoch_batch_sampler_splits_ranks_and_resumes() -> None:
     ranks = [EpochBatchSampler(50, 4, seed=0, rank=r, world_size=2) for r in range(2)]
     for sampler in ranks:

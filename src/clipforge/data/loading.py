@@ -44,6 +44,7 @@ __all__ = [
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _MAX_REPLACEMENTS = 16  # items a map-style batch slot tries before giving up on the slot
 Transform = Callable[[Any], torch.Tensor]
+Caption = str | tuple[str, ...]  # one caption, or several of one image (captions_per_image > 1)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -153,13 +154,18 @@ class PairDataset(Dataset):
     """Image-caption pairs for training. Keys are ``(epoch, index)`` (from `EpochBatchSampler`) or plain ints.
 
     `sample_captions=False`: one item per caption (an image with 5 captions is seen 5 times per epoch).
-    `sample_captions=True`: one item per image, with a caption drawn at random each time it is seen.
+    `sample_captions=True`: one item per image, with a caption drawn at random each time it is seen; with
+    `captions_per_image=k > 1`, k of its captions (distinct while it has k), as a tuple.
     Returns ``(pixels, caption, bad)`` where `bad` lists ``(item, reason)`` for the items skipped to get there.
     """
 
-    def __init__(self, pairs: Pairs, transform: Transform, seed: int = 0, sample_captions: bool = False):
+    def __init__(self, pairs: Pairs, transform: Transform, seed: int = 0, sample_captions: bool = False,
+                 captions_per_image: int = 1):
+        if captions_per_image < 1 or (captions_per_image > 1 and not sample_captions):
+            raise ValueError(f"captions_per_image must be 1, or more with sample_captions; got {captions_per_image}")
         self.pairs, self.transform, self.seed = pairs, transform, seed
         self.sample_captions = sample_captions
+        self.captions_per_image = captions_per_image
         self.draft_size = getattr(transform, "draft_size", None)
         if sample_captions:
             self.items = [(i, -1) for i in range(len(pairs.images))]
@@ -169,7 +175,7 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, str, list[tuple[str, str]]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, Caption, list[tuple[str, str]]]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         bad: list[tuple[str, str]] = []
         # Replacements are drawn at random (seeded): bad files often come in runs, and the next item in the
@@ -188,13 +194,20 @@ class PairDataset(Dataset):
     def _seed(self, epoch: int, position: int) -> int:
         return ((self.seed * 1_000_003 + epoch) * 1_000_033 + position) % (1 << 62)
 
-    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, str]:
+    def _load(self, epoch: int, position: int) -> tuple[torch.Tensor, Caption]:
         image_index, caption_index = self.items[position]
         # One seed per (seed, epoch, item): the same crop and caption whatever the worker or resume point.
         item_seed = self._seed(epoch, position)
         captions = self.pairs.captions[image_index]
-        caption = captions[caption_index] if caption_index >= 0 else random.Random(item_seed).choice(captions)
-        if not caption or not caption.strip():
+        caption: Caption
+        if caption_index >= 0:
+            caption = captions[caption_index]
+        elif self.captions_per_image == 1:
+            caption = random.Random(item_seed).choice(captions)
+        else:  # k captions, distinct while the image has k; repeated in a shuffled order when it has fewer
+            order = random.Random(item_seed).sample(range(len(captions)), len(captions))
+            caption = tuple(captions[order[i % len(order)]] for i in range(self.captions_per_image))
+        if any(not text or not text.strip() for text in ((caption,) if isinstance(caption, str) else caption)):
             raise ValueError("empty caption")
         image = load_image(self.pairs.images[image_index], draft_size=self.draft_size)
         with torch.random.fork_rng(devices=[]):
@@ -258,7 +271,7 @@ class PairCollator:
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
         self.tokenizer = tokenizer
 
-    def __call__(self, batch: list[tuple[torch.Tensor | None, str, list[tuple[str, str]]]]) -> dict[str, Any]:
+    def __call__(self, batch: list[tuple[torch.Tensor | None, Caption, list[tuple[str, str]]]]) -> dict[str, Any]:
         return collate_pairs(batch, self.tokenizer)
 
 
@@ -269,14 +282,17 @@ def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, :max(used, 1)]
 
 
-def collate_pairs(batch: Sequence[tuple[torch.Tensor | None, str, list[tuple[str, str]]]],
+def collate_pairs(batch: Sequence[tuple[torch.Tensor | None, Caption, list[tuple[str, str]]]],
                   tokenizer: Callable[[list[str]], torch.Tensor]) -> dict[str, Any]:
+    """``images [B, 3, S, S]`` and ``texts [B * k, L]``: with k captions per image, image i's are rows
+    ``i * k ... i * k + k - 1``."""
     good = [(pixels, caption) for pixels, caption, _ in batch if pixels is not None]
     bad = [report for _, _, reports in batch for report in reports]
     if not good:
         first = "; ".join(f"{item}: {reason}" for item, reason in bad[:3])
         raise ValueError(f"a whole batch of training items failed to load; first: {first}")
-    return {"images": torch.stack([p for p, _ in good]), "texts": trim_padding(tokenizer([c for _, c in good])),
+    texts = [text for _, caption in good for text in ((caption,) if isinstance(caption, str) else caption)]
+    return {"images": torch.stack([p for p, _ in good]), "texts": trim_padding(tokenizer(texts)),
             "bad": bad, "seen": len(good) + len(bad)}
 
 

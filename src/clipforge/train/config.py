@@ -65,6 +65,7 @@ class DataConfig:
     caption_col: str = "caption"
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # image folders: class -> caption
     sample_captions: bool = False  # tables: one item per image, a random caption of it each time
+    captions_per_image: int = 1  # with sample_captions: k captions per image per step, loss averaged over them
     augment: bool = True  # random resized crop for training (scale 0.9-1.0), else the eval transform
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # augment: share of the area kept
     hflip: bool = False  # augment: flip images left-right half the time (fine unless captions say left/right)
@@ -101,6 +102,7 @@ class LossConfig:
     kind: str = "clip"  # clip (InfoNCE) | siglip
     local_loss: bool = False
     gather_with_grad: bool = True
+    label_smoothing: float = 0.0  # clip: soften the one-hot targets (a regulariser for small data sets)
 
 
 @dataclass

@@ -71,10 +71,13 @@ class ClipLoss(nn.Module):
     """Symmetric InfoNCE over ``logit_scale * img @ txt.T`` (``logit_scale`` is the temperature's inverse,
     i.e. already exponentiated)."""
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True):
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, label_smoothing: float = 0.0):
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.label_smoothing = label_smoothing
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +95,9 @@ class ClipLoss(nn.Module):
                 logits_per_image = scale * all_img @ all_txt.T
                 logits_per_text = logits_per_image.T
                 labels = torch.arange(len(all_img), device=img.device)
-            return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+            smoothing = self.label_smoothing
+            return (F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing)
+                    + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)) / 2
 
 
 class SigLipLoss(nn.Module):
@@ -124,10 +129,13 @@ class SigLipLoss(nn.Module):
             return -F.logsigmoid(signs * logits).sum() / len(img)
 
 
-def build_loss(kind: str = "clip", local_loss: bool = False, gather_with_grad: bool = True) -> nn.Module:
-    """`clip` (InfoNCE) or `siglip` (sigmoid)."""
+def build_loss(kind: str = "clip", local_loss: bool = False, gather_with_grad: bool = True,
+               label_smoothing: float = 0.0) -> nn.Module:
+    """`clip` (InfoNCE, optionally with label smoothing) or `siglip` (sigmoid)."""
     if kind == "clip":
-        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError("label_smoothing applies to the clip loss only")
     if kind == "siglip":
         return SigLipLoss(gather_with_grad=gather_with_grad)
     raise ValueError(f"unknown loss {kind!r}; choose 'clip' or 'siglip'")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.loading import BadItemCounter
-from ..model import CLIP
+from ..model import CLIP, cpu_kernels
 from .config import LossConfig, ModelConfig, OptimConfig
 from .loss import build_loss
 
@@ -115,7 +115,8 @@ class CLIPTrainingModule(L.LightningModule):
         self.model = model
         self.optim_cfg, self.loss_cfg = optim, loss
         self.automatic_optimization = False
-        self.loss_fn = build_loss(loss.kind, local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad)
+        self.loss_fn = build_loss(loss.kind, local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad,
+                                  label_smoothing=loss.label_smoothing)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss.kind == "siglip" else None
         model_cfg = model_cfg or ModelConfig()
         self._frozen_modules = lock_towers(model, model_cfg)
@@ -260,10 +261,18 @@ class CLIPTrainingModule(L.LightningModule):
 
     def compute_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
                      temperature_grad: bool = True) -> torch.Tensor:
+        """The contrastive loss; with k captions per image (``text_features`` has k rows per image, image-major),
+        the mean of the k losses of the images against their j-th captions."""
         scale, bias = self.model.logit_scale, self.logit_bias
         if not temperature_grad:
             scale, bias = scale.detach(), bias.detach() if bias is not None else None
-        return self.loss_fn(image_features, text_features, scale.exp(), bias)
+        per_image = len(text_features) // max(1, len(image_features))
+        if per_image <= 1 or len(text_features) != per_image * len(image_features):
+            return self.loss_fn(image_features, text_features, scale.exp(), bias)
+        captions = text_features.view(len(image_features), per_image, -1)
+        losses = [self.loss_fn(image_features, captions[:, j].contiguous(), scale.exp(), bias)
+                  for j in range(per_image)]
+        return torch.stack(losses).mean()
 
     def _backward(self, images: torch.Tensor, texts: torch.Tensor, accum_freq: int) -> torch.Tensor:
         if accum_freq == 1:
@@ -273,7 +282,7 @@ class CLIPTrainingModule(L.LightningModule):
         if len(images) % accum_freq:
             raise ValueError(f"batch of {len(images)} does not split into accum_freq={accum_freq} micro-batches")
         image_chunks, text_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
-        with torch.no_grad():
+        with torch.no_grad(), cpu_kernels.plain_ops():  # the same ops as the gradient passes below
             cached = [self.encode(i, t) for i, t in zip(image_chunks, text_chunks, strict=True)]
         loss = torch.zeros(())
         for j in range(accum_freq):

@@ -148,6 +148,9 @@ class CLIPDataModule(L.LightningDataModule):
                              "folder or WebDataset shards")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.kind = detect_kind(cfg.data.train) if cfg.data.kind == "auto" else cfg.data.kind
+        if cfg.data.captions_per_image != 1 and (self.kind == "wds" or not cfg.data.sample_captions):
+            raise ValueError(f"data.captions_per_image={cfg.data.captions_per_image} needs data.sample_captions: true "
+                             "and a caption table or image folder (not WebDataset shards); or set it to 1")
         if len(cfg.data.crop_scale) != 2:
             raise ValueError(f"data.crop_scale must be [low, high], got {cfg.data.crop_scale}")
         self.transform = image_transform(preprocess, is_train=cfg.data.augment, train_scale=tuple(cfg.data.crop_scale),
@@ -172,7 +175,8 @@ class CLIPDataModule(L.LightningDataModule):
                                  world_size=world)
             # Fresh workers each epoch: they pickle the stream again and so see its new epoch (shard order seed).
             return torch.utils.data.DataLoader(stream, batch_size=None, **{**common, "persistent_workers": False})
-        dataset = PairDataset(self.pairs, self.transform, seed=self.cfg.run.seed, sample_captions=data.sample_captions)
+        dataset = PairDataset(self.pairs, self.transform, seed=self.cfg.run.seed, sample_captions=data.sample_captions,
+                              captions_per_image=data.captions_per_image)
         sampler = EpochBatchSampler(len(dataset), self.batch_size, seed=self.cfg.run.seed, rank=rank,
                                     world_size=world)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(self.tokenizer),
