@@ -84,6 +84,29 @@ def test_bf16_fast_path_matches_plain_ops(count_fast_calls, monkeypatch):
         assert F.cosine_similarity(got, exact).min() > 0.999
 
 
+@needs_bf16_kernels
+def test_bf16_fast_path_is_no_further_from_fp32_than_plain_bf16(monkeypatch):
+    """The fused QuickGELU scales activations, not the bf16 weights (which would round them twice): its error
+    against fp32 stays at the plain bf16 path's level."""
+    torch.manual_seed(0)
+    model = create_model(CLIPConfig(embed_dim=64, vision=VisionConfig(image_size=64, layers=4, width=256,
+                                                                      patch_size=16),
+                                    text=TextConfig(context_length=16, width=64, heads=2, layers=1))).eval()
+    images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = model.encode_image(images)
+        model.set_precision("bf16")
+        fast = model.encode_image(images)
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "_kernels_available", lambda dtype: False)
+            plain = model.encode_image(images)
+
+    def error(x):
+        return (1 - F.cosine_similarity(x, exact)).mean().item()
+
+    assert error(fast) <= 1.5 * error(plain), (error(fast), error(plain))
+
+
 @needs_kernels
 def test_packed_weights_follow_parameter_changes(monkeypatch):
     """load_state_dict, in-place edits and dtype changes must all reach the packed copies."""

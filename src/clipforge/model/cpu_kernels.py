@@ -4,9 +4,9 @@
 call, and an MLP's activation then makes two or three more passes over the widest tensor of the block in
 bf16. oneDNN's own linear primitive (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU
 backend emits) takes a weight packed once into the blocked format and applies the activation on the
-accumulator before the result is written. On ViT-B/32 in bf16 on a 2-core AVX-512 BF16 CPU, packing the
-linear layers and fusing the MLP activation raise image throughput about 1.4x at batch 64 and 1.5x at batch
-1 (`bench/bench_encode.py`).
+accumulator before the result is written. On ViT-B/32 on a 2-core AVX-512 BF16 CPU, packing the linear
+layers and fusing the MLP activation raise image throughput 1.2-1.4x in fp32 and bf16, at batch 1 and 64
+(`bench/bench_encode.py`; `CLIPFORGE_CPU_KERNELS=0` gives the baseline).
 
 The packed copies are derived from the parameters and cached beside them (a weak mapping keyed by the
 parameter, so they die with the model and never enter a state dict). They cost one more copy of each matrix
@@ -34,7 +34,7 @@ __all__ = ["activation_kernel", "fast_linear", "fast_path", "plain_ops", "weight
 
 # Activation modules fused into the linear layer before them: oneDNN post-op name, its algorithm, and the
 # factor the layer's output is multiplied by first. QuickGELU(h) = h * sigmoid(1.702 h) is oneDNN's
-# swish(1.702 h) / 1.702: the first layer is scaled by 1.702 and the next one's weight by 1 / 1.702.
+# swish(1.702 h) / 1.702 (see MLP.forward for where the two factors go).
 _QUICK_GELU_ALPHA = 1.702
 
 # Keyed by the parameter's identity (tensors compare elementwise, so a plain WeakKeyDictionary cannot hold them).
@@ -108,34 +108,33 @@ def activation_kernel(act: nn.Module) -> tuple[str, str, float] | None:
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none",
-                algorithm: str = "", weight_scale: float = 1.0, bias_scale: float = 1.0) -> torch.Tensor:
-    """`act(x @ (weight_scale * weight).T + bias_scale * bias)` through oneDNN with a packed weight.
-    Only where `fast_path(x, weight)` holds."""
-    packed_weight, packed_bias = _packed(weight, bias, weight_scale, bias_scale)
+                algorithm: str = "", bias_scale: float = 1.0) -> torch.Tensor:
+    """`act(x @ weight.T + bias_scale * bias)` through oneDNN with a packed weight (a convolution's weight is
+    read as ``[out, in * kh * kw]``). Only where `fast_path(x, weight)` holds."""
+    packed_weight, packed_bias = _packed(weight, bias, bias_scale)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.mkldnn._linear_pointwise(rows, packed_weight, packed_bias, act, [], algorithm)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _packed(weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: float,
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None,
             bias_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The packed (scaled) weight and (scaled) bias, from the cache while the parameters are unchanged."""
+    """The packed weight and (scaled) bias, from the cache while the parameters are unchanged."""
     # Stale when the parameter was replaced, moved or cast (its storage), changed by an in-place op (its
     # version counter), or a model switched modes since (the generation).
     state = (_generation, weight.data_ptr(), _version(weight),
              *((bias.data_ptr(), _version(bias)) if bias is not None else ()))
     entries = _cache.setdefault(weight, {})
-    key = (weight_scale, bias_scale, bias is not None)
+    key = (bias_scale, bias is not None)
     entry = entries.get(key)
     if entry is None or entry[0] != state:
         # Plain tensors (not inference tensors), so that the cache also serves calls outside inference_mode.
         with torch.inference_mode(False), torch.no_grad():
-            matrix = weight.detach().reshape(weight.shape[0], -1)  # a convolution's [out, in, kh, kw] too
-            scaled = matrix * weight_scale if weight_scale != 1.0 else matrix
+            matrix = weight.detach().reshape(weight.shape[0], -1).contiguous()
             packed_bias = None
             if bias is not None:
                 packed_bias = bias.detach() * bias_scale if bias_scale != 1.0 else bias.detach()
-            entry = (state, torch.ops.mkldnn._reorder_linear_weight(scaled.contiguous()), packed_bias)
+            entry = (state, torch.ops.mkldnn._reorder_linear_weight(matrix), packed_bias)
         entries[key] = entry
     return entry[1], entry[2]
 

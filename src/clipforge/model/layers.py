@@ -80,15 +80,21 @@ class MLP(nn.Sequential):
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.c_fc.weight.dtype)
+        inputs = x.to(self.c_fc.weight.dtype)
         fused = cpu_kernels.activation_kernel(self.gelu)
-        if fused is not None and cpu_kernels.fast_path(x, self.c_fc.weight):
-            # The activation runs inside the first matmul; a scaled activation (QuickGELU) is undone by
-            # scaling the second matmul's weight.
-            act, algorithm, scale = fused
-            h = cpu_kernels.fast_linear(x, self.c_fc.weight, self.c_fc.bias, act, algorithm, scale, scale)
-            return cpu_kernels.fast_linear(h, self.c_proj.weight, self.c_proj.bias, weight_scale=1 / scale)
-        return super().forward(x)
+        if fused is None or not cpu_kernels.fast_path(inputs, self.c_fc.weight):
+            return super().forward(inputs)
+        # The activation runs inside the first matmul, on its fp32 accumulator.
+        act, algorithm, scale = fused
+        if scale == 1.0:
+            hidden = cpu_kernels.fast_linear(inputs, self.c_fc.weight, self.c_fc.bias, act, algorithm)
+            return cpu_kernels.fast_linear(hidden, self.c_proj.weight, self.c_proj.bias)
+        # A scaled activation, QuickGELU(h) = swish(scale * h) / scale: the factor goes on the input before its one
+        # rounding to the weights' dtype, and its inverse on the output. Scaling the (bf16) weights instead would
+        # round them a second time.
+        inputs = (x * scale).to(inputs.dtype)
+        hidden = cpu_kernels.fast_linear(inputs, self.c_fc.weight, self.c_fc.bias, act, algorithm, bias_scale=scale)
+        return torch.add(self.c_proj.bias, cpu_kernels.fast_linear(hidden, self.c_proj.weight), alpha=1 / scale)
 
 
 class ResidualAttentionBlock(nn.Module):
