@@ -26,7 +26,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Softmax attention of `[B, H, L, D]` heads: SDPA, except when training in bf16/fp16 on a CPU.
 

@@ -39,7 +39,6 @@ class VisionTransformer(nn.Module):
         pooled = x[:, 0].to(self.proj.dtype) @ self.proj
         return (pooled, x[:, 1:]) if return_tokens else pooled
 
-
     def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.conv1.weight
         if not cpu_kernels.fast_path(x, weight):
@@ -50,7 +49,7 @@ class VisionTransformer(nn.Module):
         patch = weight.shape[-1]
         if height % patch or width % patch:  # the convolution drops the remainder; keep its exact semantics
             return self.conv1(x).flatten(2).transpose(1, 2)
-        patches = x.view(batch, channels, height // patch, patch, width // patch, patch)
+        patches = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
         return cpu_kernels.fast_linear(patches, weight)
 
