@@ -66,6 +66,18 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
     assert abs(per_chunk.item() - loss1.item()) > 0.1
 
 
+def test_gradients_are_clipped_in_the_hook_lightning_calls_after_unscaling() -> None:
+    """Clipping lives in on_before_optimizer_step, which Lightning runs inside opt.step() after 16-mixed's
+    scaler has unscaled the gradients (clipping before opt.step() clipped the scaled ones)."""
+    module = CLIPTrainingModule(_tiny_model(), OptimConfig(grad_clip=1.0), LossConfig())
+    optimizer = module.configure_optimizers()
+    for param in module.parameters():
+        param.grad = torch.full_like(param, 3.0)
+    module.on_before_optimizer_step(optimizer)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert norm.item() == pytest.approx(1.0, rel=1e-2)  # from 3 * sqrt(#params), about 1e4
+
+
 def test_weight_decay_only_on_matrices() -> None:
     module = CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig(kind="siglip"))
     decay, no_decay = param_groups(module, 0.2)

@@ -161,6 +161,12 @@ class CLIPTrainingModule(L.LightningModule):
         else:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside `opt.step()`, after 16-mixed's gradient scaler has unscaled the gradients:
+        # clipping before `opt.step()` would clip the scaled gradients (65536x) and all but stop learning.
+        if self.optim_cfg.grad_clip:
+            self._clip_gradients(optimizer)
+
     def train(self, mode: bool = True):
         super().train(mode)
         for module in getattr(self, "_frozen_modules", ()):
@@ -210,9 +216,7 @@ class CLIPTrainingModule(L.LightningModule):
         opt = self.optimizers()
         lr = self._set_lr(opt)
         loss = self._backward(batch["images"], batch["texts"], max(1, self.optim_cfg.accum_freq))
-        if self.optim_cfg.grad_clip:
-            self._clip_gradients(opt)
-        opt.step()
+        opt.step()  # clips in on_before_optimizer_step
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
