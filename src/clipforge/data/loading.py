@@ -207,7 +207,7 @@ class PairDataset(Dataset):
         else:  # k captions, distinct while the image has k; repeated in a shuffled order when it has fewer
             order = random.Random(item_seed).sample(range(len(captions)), len(captions))
             caption = tuple(captions[order[i % len(order)]] for i in range(self.captions_per_image))
-        if any(not text or not text.strip() for text in ((caption,) if isinstance(caption, str) else caption)):
+        if any(not text or not text.strip() for text in _caption_texts(caption)):
             raise ValueError("empty caption")
         image = load_image(self.pairs.images[image_index], draft_size=self.draft_size)
         with torch.random.fork_rng(devices=[]):
@@ -275,6 +275,10 @@ class PairCollator:
         return collate_pairs(batch, self.tokenizer)
 
 
+def _caption_texts(caption: Caption) -> tuple[str, ...]:
+    return (caption,) if isinstance(caption, str) else caption
+
+
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     """Token ids without the padding columns that no row uses. The text tower is causal and pools at the
     end-of-text token, so the features are the same, for less work (Flickr8k captions: 14 of 32 tokens)."""
@@ -291,7 +295,7 @@ def collate_pairs(batch: Sequence[tuple[torch.Tensor | None, Caption, list[tuple
     if not good:
         first = "; ".join(f"{item}: {reason}" for item, reason in bad[:3])
         raise ValueError(f"a whole batch of training items failed to load; first: {first}")
-    texts = [text for _, caption in good for text in ((caption,) if isinstance(caption, str) else caption)]
+    texts = [text for _, caption in good for text in _caption_texts(caption)]
     return {"images": torch.stack([p for p, _ in good]), "texts": trim_padding(tokenizer(texts)),
             "bad": bad, "seen": len(good) + len(bad)}
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["activation_kernel", "fast_linear", "fast_path", "plain_ops", "weights_may_have_changed"]
+__all__ = ["activation_kernel", "fast_linear", "fast_path", "linear", "plain_ops", "weights_may_have_changed"]
 
 # Activation modules fused into the linear layer before them: oneDNN post-op name, its algorithm, and the
 # factor the layer's output is multiplied by first. QuickGELU(h) = h * sigmoid(1.702 h) is oneDNN's
@@ -105,6 +105,13 @@ def activation_kernel(act: nn.Module) -> tuple[str, str, float] | None:
     if isinstance(act, nn.ReLU):
         return "relu", "", 1.0
     return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through the packed kernel where `fast_path(x, weight)` holds."""
+    if fast_path(x, weight):
+        return fast_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none",

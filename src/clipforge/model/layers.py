@@ -59,16 +59,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
         x = x.to(self.in_proj_weight.dtype)
-        fast = cpu_kernels.fast_path(x, self.in_proj_weight)
-        if fast:
-            qkv = cpu_kernels.fast_linear(x, self.in_proj_weight, self.in_proj_bias)
-        else:
-            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = cpu_kernels.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, causal=causal).transpose(1, 2).reshape(batch, length, width)
-        if fast:
-            return cpu_kernels.fast_linear(out, self.out_proj.weight, self.out_proj.bias)
-        return self.out_proj(out)
+        return cpu_kernels.linear(out, self.out_proj.weight, self.out_proj.bias)
 
 
 class MLP(nn.Sequential):

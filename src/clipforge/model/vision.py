@@ -41,14 +41,13 @@ class VisionTransformer(nn.Module):
 
     def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.conv1.weight
-        if not cpu_kernels.fast_path(x, weight):
+        batch, channels, height, width = x.shape
+        patch = weight.shape[-1]
+        # The convolution drops a remainder of pixels; the matmul below would not, so it leaves those to it.
+        if not cpu_kernels.fast_path(x, weight) or height % patch or width % patch:
             return self.conv1(x).flatten(2).transpose(1, 2)
         # A stride-p convolution with p x p kernels is one matmul over the flattened patches; as a packed linear
         # it is ~5x faster than oneDNN's convolution for this shape (3 input channels, huge kernel).
-        batch, channels, height, width = x.shape
-        patch = weight.shape[-1]
-        if height % patch or width % patch:  # the convolution drops the remainder; keep its exact semantics
-            return self.conv1(x).flatten(2).transpose(1, 2)
         patches = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
         return cpu_kernels.fast_linear(patches, weight)
