@@ -23,7 +23,7 @@ from clipforge.train.config import (
     load_config,
     save_config,
 )
-from clipforge.train.module import CLIPTrainingModule, lock_towers, lr_at, param_groups
+from clipforge.train.module import CLIPTrainingModule, WeightAverage, lock_towers, lr_at, param_groups
 from clipforge.train.run import build_model, resolve_precision
 from clipforge.transforms import image_transform
 
@@ -269,6 +269,26 @@ def test_captions_per_image_draws_distinct_captions_in_image_major_batches(tmp_p
         PairDataset(pairs, image_transform(32), captions_per_image=2)
 
 
+def test_word_dropout_leaves_words_out_at_its_rate_and_is_seeded(tmp_path) -> None:
+    make_scenes(1, size=32, seed=0)[0].image.save(tmp_path / "0.png")
+    words = [f"w{i}" for i in range(40)]
+    pairs = Pairs([str(tmp_path / "0.png")], [[" ".join(words), "one"]])
+    dataset = PairDataset(pairs, image_transform(32), sample_captions=True, captions_per_image=2, word_dropout=0.25)
+    kept = []
+    for epoch in range(50):
+        long, short = sorted(dataset[(epoch, 0)][1], key=len, reverse=True)
+        remaining = long.split()
+        assert remaining == [w for w in words if w in remaining]  # in order, nothing added
+        assert short == "one"  # at least one word survives
+        kept.append(len(remaining))
+    assert sum(kept) / (40 * 50) == pytest.approx(0.75, abs=0.03)  # 2,000 Bernoulli draws: sd 0.01
+    assert dataset[(7, 0)][1] == dataset[(7, 0)][1]
+    plain = PairDataset(pairs, image_transform(32), sample_captions=True, captions_per_image=2)
+    assert sorted(plain[(0, 0)][1]) == sorted(pairs.captions[0])
+    with pytest.raises(ValueError, match="word_dropout must be in"):
+        PairDataset(pairs, image_transform(32), word_dropout=1.0)
+
+
 def test_loss_over_several_captions_is_the_mean_of_each_captions_loss() -> None:
     module = CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig())
     g = torch.Generator().manual_seed(3)
@@ -348,6 +368,57 @@ def test_training_module_checkpoint_state_round_trip() -> None:
     other.on_load_checkpoint(restored)
     assert other._resume_position == (2, 5) and other.bad_items.bad == 1 and other.elapsed_before > 0
     assert math.isfinite(other.elapsed_before)
+
+
+def test_weight_average_follows_its_formula_swaps_in_and_out_and_round_trips() -> None:
+    model = _tiny_model("model.arch=RN-Nano", "model.vision_width=16", "model.vision_layers=[1, 1, 1, 1]",
+                        "model.patch_size=null")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.9)
+    expected = {k: v.float().clone() for k, v in start.items() if v.is_floating_point()}
+    for step in range(3):
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.add_(1.0)  # parameters and BatchNorm statistics alike
+        decay = min(0.9, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25: the early steps count nearly in full
+        live = model.state_dict()
+        expected = {k: decay * v + (1 - decay) * live[k] for k, v in expected.items()}
+        average.update(step)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with average.swapped_in():
+        inside = model.state_dict()
+        for name, value in expected.items():
+            assert torch.allclose(inside[name], value, atol=1e-5), name
+        assert not torch.allclose(inside["visual.bn1.running_mean"], trained["visual.bn1.running_mean"])
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the live weights are back
+
+    buffer = io.BytesIO()
+    torch.save(average.state_dict(), buffer)
+    buffer.seek(0)
+    other = WeightAverage(model, decay=0.9)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(average.average, other.average, strict=True))
+    with pytest.raises(ValueError, match="ema_decay"):
+        other.load_state_dict({})
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage(model, decay=1.5)
+
+
+def test_training_module_keeps_the_average_in_its_checkpoint_and_sets_the_temperature() -> None:
+    module = CLIPTrainingModule(_tiny_model(), OptimConfig(ema_decay=0.99), LossConfig(init_logit_scale=30.0))
+    assert module.model.logit_scale.exp().item() == pytest.approx(30.0)
+    with torch.no_grad():
+        module.model.text_projection.add_(1.0)
+    module.ema.update(100)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    other = CLIPTrainingModule(_tiny_model(), OptimConfig(ema_decay=0.99), LossConfig())
+    other.on_load_checkpoint(checkpoint)
+    with other.final_weights():
+        assert torch.allclose(other.model.text_projection, module.ema.state_dict()["text_projection"])
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig(init_logit_scale=500.0))
 
 
 def test_validation_log_restarts_with_a_fresh_run_and_is_trimmed_on_resume(tmp_path) -> None:

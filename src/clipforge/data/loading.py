@@ -160,9 +160,12 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, pairs: Pairs, transform: Transform, seed: int = 0, sample_captions: bool = False,
-                 captions_per_image: int = 1):
+                 captions_per_image: int = 1, word_dropout: float = 0.0):
         if captions_per_image < 1 or (captions_per_image > 1 and not sample_captions):
             raise ValueError(f"captions_per_image must be 1, or more with sample_captions; got {captions_per_image}")
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
+        self.word_dropout = word_dropout
         self.pairs, self.transform, self.seed = pairs, transform, seed
         self.sample_captions = sample_captions
         self.captions_per_image = captions_per_image
@@ -209,6 +212,8 @@ class PairDataset(Dataset):
             caption = tuple(captions[order[i % len(order)]] for i in range(self.captions_per_image))
         if any(not text or not text.strip() for text in _caption_texts(caption)):
             raise ValueError("empty caption")
+        if self.word_dropout:
+            caption = _drop_words(caption, self.word_dropout, random.Random(item_seed + 1))
         image = load_image(self.pairs.images[image_index], draft_size=self.draft_size)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also queues CUDA seeding, which costs ~10 ms per call.
@@ -273,6 +278,16 @@ class PairCollator:
 
     def __call__(self, batch: list[tuple[torch.Tensor | None, Caption, list[tuple[str, str]]]]) -> dict[str, Any]:
         return collate_pairs(batch, self.tokenizer)
+
+
+def _drop_words(caption: Caption, rate: float, rng: random.Random) -> Caption:
+    """Each word left out with probability `rate` (a text-side augmentation: the model cannot lean on any one
+    word of a caption it has seen before); a caption keeps at least one word."""
+    def drop(text: str) -> str:
+        words = text.split()
+        kept = [w for w in words if rng.random() >= rate]
+        return " ".join(kept or [rng.choice(words)])
+    return drop(caption) if isinstance(caption, str) else tuple(drop(text) for text in caption)
 
 
 def _caption_texts(caption: Caption) -> tuple[str, ...]:

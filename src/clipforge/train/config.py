@@ -66,6 +66,7 @@ class DataConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # image folders: class -> caption
     sample_captions: bool = False  # tables: one item per image, a random caption of it each time
     captions_per_image: int = 1  # with sample_captions: k captions per image per step, loss averaged over them
+    word_dropout: float = 0.0  # leave each word of a training caption out with this probability (e.g. 0.1)
     augment: bool = True  # random resized crop for training (scale 0.9-1.0), else the eval transform
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # augment: share of the area kept
     hflip: bool = False  # augment: flip images left-right half the time (fine unless captions say left/right)
@@ -95,6 +96,8 @@ class OptimConfig:
     max_steps: int | None = None  # stop (and end the schedule) after this many steps
     max_minutes: float | None = None  # stop after this much wall time; the cosine schedule follows the clock
     min_lr_ratio: float = 0.0
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.995); validation
+    # and the final model use it
 
 
 @dataclass
@@ -103,6 +106,8 @@ class LossConfig:
     local_loss: bool = False
     gather_with_grad: bool = True
     label_smoothing: float = 0.0  # clip: soften the one-hot targets (a regulariser for small data sets)
+    init_logit_scale: float | None = None  # start the learnt exp(logit_scale) here (CLIP: 1/0.07 = 14.3); None keeps
+    # the model's (or the --init checkpoint's)
 
 
 @dataclass

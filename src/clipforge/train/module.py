@@ -11,6 +11,7 @@ After each step the temperature is clamped to ``logit_scale <= ln(100)``, as in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -26,7 +27,7 @@ from ..model import CLIP, cpu_kernels
 from .config import LossConfig, ModelConfig, OptimConfig
 from .loss import build_loss
 
-__all__ = ["CLIPTrainingModule", "lock_towers", "lr_at", "param_groups"]
+__all__ = ["CLIPTrainingModule", "WeightAverage", "lock_towers", "lr_at", "param_groups"]
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -118,6 +119,11 @@ class CLIPTrainingModule(L.LightningModule):
         self.loss_fn = build_loss(loss.kind, local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad,
                                   label_smoothing=loss.label_smoothing)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss.kind == "siglip" else None
+        if loss.init_logit_scale is not None:
+            if not 1.0 <= loss.init_logit_scale <= math.exp(MAX_LOGIT_SCALE):
+                raise ValueError(f"loss.init_logit_scale must be within [1, 100], got {loss.init_logit_scale}")
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(loss.init_logit_scale))
         model_cfg = model_cfg or ModelConfig()
         self._frozen_modules = lock_towers(model, model_cfg)
         self._image_trainable = any(p.requires_grad for p in model.visual.parameters())
@@ -136,6 +142,7 @@ class CLIPTrainingModule(L.LightningModule):
         self._batch_start = 0.0
         self._rng_state: dict[str, Any] | None = None
         self._fused = False
+        self.ema = WeightAverage(model, optim.ema_decay) if optim.ema_decay else None
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -220,6 +227,8 @@ class CLIPTrainingModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if self.ema is not None:
+            self.ema.update(self.global_step)
         self._window["samples"] += len(batch["images"]) * self.trainer.world_size
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("lr", lr, prog_bar=True, on_step=True, on_epoch=False)
@@ -299,6 +308,11 @@ class CLIPTrainingModule(L.LightningModule):
             self.manual_backward(loss)
         return loss.detach()
 
+    def final_weights(self) -> contextlib.AbstractContextManager:
+        """A context in which the model holds the weights to evaluate and save: the moving average when there is
+        one, else the trained weights as they are."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------------------------------ state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -308,6 +322,8 @@ class CLIPTrainingModule(L.LightningModule):
             "bad_items": self.bad_items.state_dict(),
             "rng": _get_rng_state(),
         }
+        if self.ema is not None:
+            checkpoint["clipforge"]["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("clipforge", {})
@@ -317,6 +333,59 @@ class CLIPTrainingModule(L.LightningModule):
         if "bad_items" in state:
             self.bad_items.load_state_dict(state["bad_items"])
         self._rng_state = state.get("rng")
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters and buffers (BatchNorm statistics).
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that the first steps' random weights fade
+    quickly. Updated after each optimizer step; `swapped_in()` puts the average into the model for a while."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be between 0 and 1 (e.g. 0.995), got {decay}")
+        self.model, self.decay = model, decay
+        self._names = list(self._live())
+        self.average = [t.detach().float().clone() for t in self._live().values()]
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        """Looked up each time: moving the model to a device replaces its buffers (and the average follows)."""
+        items = list(self.model.named_parameters()) + list(self.model.named_buffers())
+        return {name: t for name, t in items if t.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        live = [t.detach().float() for t in self._live().values()]
+        if self.average and self.average[0].device != live[0].device:
+            self.average = [a.to(t.device) for a, t in zip(self.average, live, strict=True)]
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, live, 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        live = list(self._live().values())
+        saved = [t.detach().clone() for t in live]
+        with torch.no_grad():
+            for tensor, average in zip(live, self.average, strict=True):
+                tensor.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, kept in zip(live, saved, strict=True):
+                    tensor.copy_(kept)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self._names, self.average, strict=True))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self._names) - set(state)
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {sorted(missing)[:3]}: resume with the "
+                             "optim.ema_decay setting it was trained with")
+        self.average = [state[name].float().clone() for name in self._names]
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -151,6 +151,9 @@ class CLIPDataModule(L.LightningDataModule):
         if cfg.data.captions_per_image != 1 and (self.kind == "wds" or not cfg.data.sample_captions):
             raise ValueError(f"data.captions_per_image={cfg.data.captions_per_image} needs data.sample_captions: true "
                              "and a caption table or image folder (not WebDataset shards); or set it to 1")
+        if not 0.0 <= cfg.data.word_dropout < 1.0 or (cfg.data.word_dropout and self.kind == "wds"):
+            raise ValueError(f"data.word_dropout must be in [0, 1) and needs a caption table or image folder (not "
+                             f"WebDataset shards); got {cfg.data.word_dropout}")
         if len(cfg.data.crop_scale) != 2:
             raise ValueError(f"data.crop_scale must be [low, high], got {cfg.data.crop_scale}")
         self.transform = image_transform(preprocess, is_train=cfg.data.augment, train_scale=tuple(cfg.data.crop_scale),
@@ -176,7 +179,7 @@ class CLIPDataModule(L.LightningDataModule):
             # Fresh workers each epoch: they pickle the stream again and so see its new epoch (shard order seed).
             return torch.utils.data.DataLoader(stream, batch_size=None, **{**common, "persistent_workers": False})
         dataset = PairDataset(self.pairs, self.transform, seed=self.cfg.run.seed, sample_captions=data.sample_captions,
-                              captions_per_image=data.captions_per_image)
+                              captions_per_image=data.captions_per_image, word_dropout=data.word_dropout)
         sampler = EpochBatchSampler(len(dataset), self.batch_size, seed=self.cfg.run.seed, rank=rank,
                                     world_size=world)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(self.tokenizer),
@@ -264,7 +267,8 @@ class RetrievalValidation(Callback):
             return
         if trainer.is_global_zero:
             started = time.perf_counter()
-            metrics = self.evaluate(pl_module.model, trainer.precision_plugin)
+            with pl_module.final_weights():
+                metrics = self.evaluate(pl_module.model, trainer.precision_plugin)
             self.last = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                          "seconds": round(time.perf_counter() - started, 2), **metrics}
             with self.log_file.open("a", encoding="utf-8") as handle:
@@ -460,7 +464,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         "final": str(output / "final"), "global_rank": trainer.global_rank,
     }
     if trainer.is_global_zero:
-        _save_final(module.model, output / "final", cfg, summary, preprocess)
+        with module.final_weights():
+            _save_final(module.model, output / "final", cfg, summary, preprocess)
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
