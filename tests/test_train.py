@@ -245,3 +245,12 @@ def test_weight_average_is_what_validation_sees_and_the_final_model_holds(scenes
     assert not torch.equal(final["text_projection"], live["model.text_projection"])
     val = summary["validation"]["image_retrieval_recall@1"]
     assert _recall_at_1(tmp_path / "final", scenes["val"]) == pytest.approx(val)
+
+
+def test_fsdp_is_refused_with_one_line_before_any_process_starts(scenes, tmp_path, capsys) -> None:
+    status = train_main(["--train-data", str(scenes["train"]), "--output", str(tmp_path), "--strategy", "fsdp",
+                         *_set_flags(TINY)])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(message) == 1
+    assert "run.strategy=fsdp is not supported yet" in message[0] and "--strategy ddp" in message[0]
+    assert not (tmp_path / "config.yaml").exists()

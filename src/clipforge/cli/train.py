@@ -45,7 +45,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--precision", "run.precision", str, "auto, 32-true, bf16-mixed or 16-mixed"),
     ("--devices", "run.devices", int, "devices per node"),
     ("--num-nodes", "run.num_nodes", int, "nodes (with torchrun / SLURM)"),
-    ("--strategy", "run.strategy", str, "auto, ddp, fsdp, ..."),
+    ("--strategy", "run.strategy", str, "auto, ddp, ddp_spawn, ... (not fsdp yet)"),
     ("--accelerator", "run.accelerator", str, "auto, cpu, gpu"),
     ("--output", "run.output", str, "run folder (checkpoints, logs, final model)"),
     ("--seed", "run.seed", int, "random seed"),

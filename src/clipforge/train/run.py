@@ -419,6 +419,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
     `resume`: `latest` (OUTPUT/checkpoints/last.ckpt) or a checkpoint path: optimizer, schedule, step, RNG and
     data position continue where the checkpoint left them."""
+    if "fsdp" in str(cfg.run.strategy).lower():
+        # FSDP's flat parameters cannot hold a 0-d tensor, and OpenAI's layout makes the temperature one; better
+        # this line than FSDP's traceback after the processes have started.
+        raise ValueError(f"run.strategy={cfg.run.strategy} is not supported yet: FSDP cannot shard the 0-d "
+                         "temperature parameter (logit_scale); use --strategy ddp (see docs/training.md)")
     output = Path(cfg.run.output)
     ckpt_path = resolve_resume(resume, output)
     precision = resolve_precision(cfg.run.precision, cfg.run.accelerator)
