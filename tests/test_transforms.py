@@ -442,3 +442,29 @@ def test_train_crop_scale_is_checked() -> None:
         image_transform(PreprocessConfig(image_size=32), is_train=True, train_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="crop scale"):
         image_transform(PreprocessConfig(image_size=32), is_train=True, train_scale=(0.9, 0.5))
+
+
+def test_colour_jitter_changes_brightness_contrast_and_saturation_within_its_range() -> None:
+    from clipforge.data.synthetic import make_scenes
+
+    image = make_scenes(1, size=64, seed=4)[0].image
+    config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # tensors are pixels / 255
+    plain = image_transform(config, is_train=True)
+    jittered = image_transform(config, is_train=True, color_jitter=0.4)
+    ratios, spreads = [], []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        want = plain(image)
+        torch.manual_seed(seed)
+        got = jittered(image)  # the same crop, then the jitter
+        assert got.shape == want.shape and got.min() >= 0.0 and got.max() <= 1.0
+        ratios.append(float(got.mean() / want.mean()))
+        spreads.append(float(got.std() / want.std()))
+    assert 0.3 < min(ratios) < 0.9 and 1.1 < max(ratios) < 2.0  # brightness x contrast, each within 0.6-1.4
+    assert len({round(r, 4) for r in spreads}) == 30  # a fresh draw per call
+    torch.manual_seed(3)
+    again = jittered(image)
+    torch.manual_seed(3)
+    assert torch.equal(jittered(image), again)  # seeded by torch's generator, like the crop
+    with pytest.raises(ValueError, match="color jitter"):
+        image_transform(config, is_train=True, color_jitter=1.0)

@@ -62,7 +62,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageEnhance, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -253,14 +253,18 @@ class ImageTransform:
     """PIL image (or path / bytes) -> normalised FloatTensor[3, S, S]. Picklable, for DataLoader workers."""
 
     def __init__(self, cfg: PreprocessConfig, is_train: bool = False, fast: bool = False,
-                 train_scale: tuple[float, float] = _TRAIN_SCALE, hflip: bool = False) -> None:
+                 train_scale: tuple[float, float] = _TRAIN_SCALE, hflip: bool = False,
+                 color_jitter: float = 0.0) -> None:
         if not 0 < train_scale[0] <= train_scale[1] <= 1:
             raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {list(train_scale)}")
+        if not 0.0 <= color_jitter < 1.0:
+            raise ValueError(f"color jitter must be in [0, 1), got {color_jitter}")
         self.cfg = cfg
         self.is_train = is_train
         self.fast = fast
         self.train_scale = (float(train_scale[0]), float(train_scale[1]))
         self.hflip = hflip
+        self.color_jitter = float(color_jitter)
         self._lut = _normalisation_table(cfg.mean, cfg.std)
 
     @property
@@ -293,6 +297,8 @@ class ImageTransform:
             # Drawn from torch's generator after the crop's draws, so a seeded item flips the same way every time.
             if self.hflip and torch.rand(1).item() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.color_jitter:
+                image = _jitter_colours(image, self.color_jitter)
         elif self.cfg.resize_mode == "squash":
             image = image.resize((size, size), resample)
         else:
@@ -313,18 +319,30 @@ class ImageTransform:
 
 def image_transform(cfg: PreprocessConfig | int, is_train: bool = False, fast: bool = False, *,
                     train_scale: tuple[float, float] = _TRAIN_SCALE,
-                    hflip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+                    hflip: bool = False, color_jitter: float = 0.0) -> Callable[[Image.Image], torch.Tensor]:
     """The preprocessing transform for ``cfg`` (an int means ``PreprocessConfig(image_size=int)``).
 
     Eval: open_clip-exact (see module docstring); ``fast`` adds JPEG draft decode. Train: random resized crop
-    over ``train_scale`` of the area (open_clip's 0.9-1.0 by default), and a horizontal flip half the time when
-    ``hflip``.
+    over ``train_scale`` of the area (open_clip's 0.9-1.0 by default), a horizontal flip half the time when
+    ``hflip``, and brightness, contrast and saturation jittered by up to ``color_jitter`` (a fraction).
     """
     if isinstance(cfg, int) and not isinstance(cfg, bool):
         cfg = PreprocessConfig(image_size=cfg)
     if not isinstance(cfg, PreprocessConfig):
         raise TypeError(f"image_transform expects a PreprocessConfig or an int size, got {type(cfg).__name__}")
-    return ImageTransform(cfg, is_train=is_train, fast=fast, train_scale=train_scale, hflip=hflip)
+    return ImageTransform(cfg, is_train=is_train, fast=fast, train_scale=train_scale, hflip=hflip,
+                          color_jitter=color_jitter)
+
+
+def _jitter_colours(image: Image.Image, strength: float) -> Image.Image:
+    """Brightness, contrast and saturation each scaled by a factor drawn from [1 - strength, 1 + strength]. Hue is
+    left alone: captions name colours."""
+    image = _to_rgb(image)
+    factors = torch.empty(3).uniform_(1 - strength, 1 + strength).tolist()
+    for enhancer, factor in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors,
+                                strict=True):
+        image = enhancer(image).enhance(factor)
+    return image
 
 
 def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -70,6 +70,7 @@ class DataConfig:
     augment: bool = True  # random resized crop for training (scale 0.9-1.0), else the eval transform
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # augment: share of the area kept
     hflip: bool = False  # augment: flip images left-right half the time (fine unless captions say left/right)
+    color_jitter: float = 0.0  # augment: scale brightness, contrast and saturation by up to this fraction (not hue)
     workers: int = 2
     train_num_samples: int | None = None  # WebDataset: samples per epoch (required for shards)
     shuffle_buffer: int = 1000  # WebDataset sample shuffle buffer

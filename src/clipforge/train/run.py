@@ -154,10 +154,12 @@ class CLIPDataModule(L.LightningDataModule):
         if not 0.0 <= cfg.data.word_dropout < 1.0 or (cfg.data.word_dropout and self.kind == "wds"):
             raise ValueError(f"data.word_dropout must be in [0, 1) and needs a caption table or image folder (not "
                              f"WebDataset shards); got {cfg.data.word_dropout}")
+        if not 0.0 <= cfg.data.color_jitter < 1.0:
+            raise ValueError(f"data.color_jitter must be in [0, 1), got {cfg.data.color_jitter}")
         if len(cfg.data.crop_scale) != 2:
             raise ValueError(f"data.crop_scale must be [low, high], got {cfg.data.crop_scale}")
         self.transform = image_transform(preprocess, is_train=cfg.data.augment, train_scale=tuple(cfg.data.crop_scale),
-                                         hflip=cfg.data.hflip)
+                                         hflip=cfg.data.hflip, color_jitter=cfg.data.color_jitter)
         # Read (and validate) the table now, in the main process, so a bad file fails before any training.
         self.pairs = None if self.kind == "wds" else read_pairs(cfg.data.train, cfg.data, self.kind)
 
