@@ -346,8 +346,9 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"optim.ema_decay must be between 0 and 1 (e.g. 0.995), got {decay}")
         self.model, self.decay = model, decay
-        self._names = list(self._live())
-        self.average = [t.detach().float().clone() for t in self._live().values()]
+        live = self._live()
+        self._names = list(live)
+        self.average = [t.detach().float().clone() for t in live.values()]
 
     def _live(self) -> dict[str, torch.Tensor]:
         """Looked up each time: moving the model to a device replaces its buffers (and the average follows)."""
