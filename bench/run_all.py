@@ -383,7 +383,8 @@ def main() -> int:
     options = [*(["--quick"] if args.quick else []), *(["--skip-recipe"] if args.skip_recipe else []),
                *([f"--only={args.only}"] if args.only else [])]
     command = REPRODUCE + (f" BENCH_ARGS={shlex.quote(' '.join(options))}" if options else "")
-    report = {"command": command, "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
+    wall_s = round(time.perf_counter() - started, 1)
+    report = {"command": command, "quick": args.quick, "wall_s": wall_s,
               "machine": info, "benchmarks": [vars(o) for o in outcomes]}
     if args.update and args.json.is_file():
         report = _updated(json.loads(args.json.read_text(encoding="utf-8")), report)
@@ -391,7 +392,7 @@ def main() -> int:
     args.markdown.write_text(markdown(report), encoding="utf-8")
     counts = collections.Counter(o.status for o in outcomes)
     print(f"\n{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed in "
-          f"{_clock(report['wall_s'])}; wrote {_relative(args.json)} and {_relative(args.markdown)}")
+          f"{_clock(wall_s)}; wrote {_relative(args.json)} and {_relative(args.markdown)}")
     for o in outcomes:
         if o.status != "ok":
             print(f"  {o.name}: {o.status}: {o.reason}")
