@@ -147,13 +147,20 @@ def test_resume_after_kill_continues_the_same_loss_curve(scenes, tmp_path) -> No
     assert clipforge.load(killed / "final")[0].image_size == 32
 
 
-def test_two_process_ddp_follows_the_single_process_run(scenes, tmp_path) -> None:
+# Two captions per image (word dropout makes them differ) with the caption-to-caption term: its negatives must
+# span both ranks too.
+SEVERAL_CAPTIONS = ["data.sample_captions=true", "data.captions_per_image=2", "data.word_dropout=0.3",
+                    "loss.caption_contrast=0.5"]
+
+
+@pytest.mark.parametrize("settings", [[], SEVERAL_CAPTIONS], ids=["one-caption", "several-captions"])
+def test_two_process_ddp_follows_the_single_process_run(scenes, tmp_path, settings) -> None:
     """`--devices 2 --strategy ddp` (two CPU processes, gloo) with 32 images each trains exactly as one process
     with the same 64-image global batch: the features are gathered so the negatives span both ranks, DDP averages
     the gradients, and the sampler deals the same items out. Lightning launches the second rank by running the
     same command again, so the runs are CLI subprocesses."""
     common = ["--train-data", str(scenes["train"]), "--max-steps", "5", "--lr", "3e-3", "--set", "optim.warmup=1",
-              "--set", "run.accelerator=cpu", *_set_flags(TINY)]
+              "--set", "run.accelerator=cpu", *_set_flags([*TINY, *settings])]
     runs = {"single": ["--batch-size", "64"],
             "ddp": ["--batch-size", "32", "--devices", "2", "--strategy", "ddp"]}
     for name, extra in runs.items():
@@ -220,7 +227,8 @@ def test_captions_per_image_trains_and_bad_settings_get_one_line(scenes, tmp_pat
     out = tmp_path / "run"
     flags = ["--train-data", str(scenes["train"]), "--batch-size", "32", "--set", "optim.max_steps=3"]
     status = train_main([*flags, "--output", str(out), "--set", "data.sample_captions=true",
-                         "--set", "data.captions_per_image=2", *_set_flags(TINY)])
+                         "--set", "data.captions_per_image=2", "--set", "loss.caption_contrast=0.5",
+                         *_set_flags(TINY)])
     assert status == 0
     losses = _losses(out)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
@@ -228,6 +236,12 @@ def test_captions_per_image_trains_and_bad_settings_get_one_line(scenes, tmp_pat
                          *_set_flags(TINY)])
     message = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and any("data.captions_per_image=2 needs data.sample_captions: true" in m for m in message)
+    status = train_main([*flags, "--output", str(tmp_path / "bad2"), "--set", "loss.caption_contrast=0.5",
+                         *_set_flags(TINY)])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and message == ["clipforge train: error: loss.caption_contrast=0.5 needs "
+                                       "data.captions_per_image of 2 or more (it contrasts the captions of each "
+                                       "image) and a weight >= 0; or set it to 0"]
 
 
 def test_weight_average_is_what_validation_sees_and_the_final_model_holds(scenes, tmp_path) -> None:

@@ -300,6 +300,31 @@ def test_loss_over_several_captions_is_the_mean_of_each_captions_loss() -> None:
     assert abs(got.item() - module.compute_loss(images, texts[:, 0]).item()) > 1e-3
 
 
+def test_caption_contrast_adds_the_loss_between_each_images_captions() -> None:
+    """Hand-computed: the mean of the 3 image-caption losses plus 0.5 x the mean over the 3 caption pairs of the
+    symmetric cross-entropy between captions j and m of the same images (label smoothing applied to both)."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(5, 3, 8, generator=g), dim=-1)
+    module = CLIPTrainingModule(_tiny_model(), OptimConfig(),
+                                LossConfig(caption_contrast=0.5, label_smoothing=0.1))
+    scale = module.model.logit_scale.exp().item()
+
+    def symmetric(a: torch.Tensor, b: torch.Tensor) -> float:
+        logits, labels = scale * a @ b.T, torch.arange(len(a))
+        return ((torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+                 + torch.nn.functional.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2).item()
+
+    image_text = sum(symmetric(images, texts[:, j]) for j in range(3)) / 3
+    text_text = (symmetric(texts[:, 0], texts[:, 1]) + symmetric(texts[:, 0], texts[:, 2])
+                 + symmetric(texts[:, 1], texts[:, 2])) / 3
+    got = module.compute_loss(images, texts.reshape(15, 8))
+    assert got.item() == pytest.approx(image_text + 0.5 * text_text, rel=1e-5)
+    assert text_text > 0.5  # the term is not negligible: the check above would notice it missing
+    # One caption per image: nothing to contrast, the plain loss.
+    assert module.compute_loss(images, texts[:, 0]).item() == pytest.approx(symmetric(images, texts[:, 0]), rel=1e-5)
+
+
 def test_epoch_batch_sampler_splits_ranks_and_resumes() -> None:
     ranks = [EpochBatchSampler(50, 4, seed=0, rank=r, world_size=2) for r in range(2)]
     for sampler in ranks:

@@ -107,6 +107,7 @@ class LossConfig:
     local_loss: bool = False
     gather_with_grad: bool = True
     label_smoothing: float = 0.0  # clip: soften the one-hot targets (a regulariser for small data sets)
+    caption_contrast: float = 0.0  # with captions_per_image >= 2: weight of the same loss between each image's captions
     init_logit_scale: float | None = None  # start the learnt exp(logit_scale) here (CLIP: 1/0.07 = 14.3); None keeps
     # the model's (or the --init checkpoint's)
 

@@ -12,6 +12,7 @@ After each step the temperature is clamped to ``logit_scale <= ln(100)``, as in 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -274,17 +275,23 @@ class CLIPTrainingModule(L.LightningModule):
     def compute_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
                      temperature_grad: bool = True) -> torch.Tensor:
         """The contrastive loss; with k captions per image (``text_features`` has k rows per image, image-major),
-        the mean of the k losses of the images against their j-th captions."""
+        the mean of the k losses of the images against their j-th captions, plus ``loss.caption_contrast`` times
+        the mean of the same loss between their j-th and m-th captions over the pairs j < m."""
         scale, bias = self.model.logit_scale, self.logit_bias
         if not temperature_grad:
             scale, bias = scale.detach(), bias.detach() if bias is not None else None
         per_image = len(text_features) // max(1, len(image_features))
         if per_image <= 1 or len(text_features) != per_image * len(image_features):
             return self.loss_fn(image_features, text_features, scale.exp(), bias)
-        captions = text_features.view(len(image_features), per_image, -1)
-        losses = [self.loss_fn(image_features, captions[:, j].contiguous(), scale.exp(), bias)
-                  for j in range(per_image)]
-        return torch.stack(losses).mean()
+        captions = [c.contiguous() for c in text_features.view(len(image_features), per_image, -1).unbind(1)]
+        loss = torch.stack([self.loss_fn(image_features, c, scale.exp(), bias) for c in captions]).mean()
+        if self.loss_cfg.caption_contrast:
+            # Two captions of one photo are positives for each other, other photos' captions negatives. A single
+            # caption is a noisy view of its photo (on Flickr8k, a query that averages an image's 5 captions
+            # finds it half as often again as one caption does); pulling the captions together cuts that noise.
+            pairs = [self.loss_fn(a, b, scale.exp(), bias) for a, b in itertools.combinations(captions, 2)]
+            loss = loss + self.loss_cfg.caption_contrast * torch.stack(pairs).mean()
+        return loss
 
     def _backward(self, images: torch.Tensor, texts: torch.Tensor, accum_freq: int) -> torch.Tensor:
         if accum_freq == 1:

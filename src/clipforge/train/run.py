@@ -151,6 +151,9 @@ class CLIPDataModule(L.LightningDataModule):
         if cfg.data.captions_per_image != 1 and (self.kind == "wds" or not cfg.data.sample_captions):
             raise ValueError(f"data.captions_per_image={cfg.data.captions_per_image} needs data.sample_captions: true "
                              "and a caption table or image folder (not WebDataset shards); or set it to 1")
+        if cfg.loss.caption_contrast < 0 or (cfg.loss.caption_contrast and cfg.data.captions_per_image < 2):
+            raise ValueError(f"loss.caption_contrast={cfg.loss.caption_contrast} needs data.captions_per_image of 2 "
+                             "or more (it contrasts the captions of each image) and a weight >= 0; or set it to 0")
         if not 0.0 <= cfg.data.word_dropout < 1.0 or (cfg.data.word_dropout and self.kind == "wds"):
             raise ValueError(f"data.word_dropout must be in [0, 1) and needs a caption table or image folder (not "
                              f"WebDataset shards); got {cfg.data.word_dropout}")
