@@ -139,3 +139,30 @@ def test_trimming_padding_after_the_last_eot_changes_nothing():
         full, tokens = model.encode_text(ids, return_tokens=True)
     assert tokens.shape[1] == 16  # the token path keeps every column
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)  # float rounding of other GEMM shapes
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_unpadded_text_tower_matches_the_padded_one_with_gradients(bf16):
+    """encode_text runs the position-wise layers on the real tokens only (attention alone sees the padding);
+    features and every gradient must match the padded path's, which `return_tokens` takes."""
+    torch.manual_seed(0)
+    model = create_model(tiny_config()).train()
+    captions = ["a", "a dog runs on the beach", "two cats on a red sofa in the sun by the window", "x y"]
+    ids = clipforge.tokenize(captions, context_length=16)
+    target = torch.randn(len(captions), 32)
+
+    def features_and_grads(padded: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            features = model.encode_text(ids, return_tokens=True)[0] if padded else model.encode_text(ids)
+        (features.float() * target).sum().backward()
+        return features.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    unpadded, unpadded_grads = features_and_grads(padded=False)
+    padded, padded_grads = features_and_grads(padded=True)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(unpadded, padded, **tolerance)
+    assert unpadded_grads.keys() == padded_grads.keys()
+    assert "transformer.resblocks.0.attn.in_proj_weight" in padded_grads
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(unpadded_grads[name], grad, **tolerance, msg=name)

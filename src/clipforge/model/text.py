@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import TextConfig
-from .layers import LayerNorm, Transformer, activation
+from .layers import LayerNorm, Ragged, Transformer, activation
 from .vision import _init_transformer
 
 
@@ -39,12 +39,18 @@ class TextTransformer(nn.Module):
         self.check_token_ids(ids)
         # The end-of-text token has the highest id in the vocabulary, so argmax finds it.
         eot = ids.argmax(dim=-1)
-        if not return_tokens and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            # Attention is causal, so the columns after the last EOT cannot change any pooled output:
-            # dropping them gives the same features and skips most of the work on short captions.
-            ids = ids[:, : int(eot.max()) + 1] if ids.numel() else ids
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        if return_tokens or not ids.numel() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+            x = self.ln_final(self.transformer(x, causal=True))
+            pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        else:
+            # Attention is causal, so no token after its row's EOT can change a pooled output: those are left out
+            # (the columns after the last EOT entirely, the rest of the padding everywhere but in attention).
+            ids = ids[:, : int(eot.max()) + 1]
+            ragged = Ragged(torch.arange(ids.shape[1], device=ids.device) <= eot[:, None])
+            x = self.token_embedding(ids.reshape(-1)[ragged.index])
+            x = x + self.positional_embedding[ragged.index % ids.shape[1]]
+            x = self.ln_final(self.transformer(x, causal=True, ragged=ragged))
+            pooled = x[(eot + 1).cumsum(0) - 1]  # each row's last real token is its EOT
         pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
         return (pooled, x) if return_tokens else pooled
