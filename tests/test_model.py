@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import clipforge
 from clipforge.model import CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+from clipforge.model import text as text_module
 
 OPENAI_ARCHS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
@@ -141,10 +142,13 @@ def test_trimming_padding_after_the_last_eot_changes_nothing():
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)  # float rounding of other GEMM shapes
 
 
+@pytest.mark.parametrize("bucket", [1, 8, 256], ids=["no-bucket", "some-padding-kept", "all-padding-kept"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_unpadded_text_tower_matches_the_padded_one_with_gradients(bf16):
-    """encode_text runs the position-wise layers on the real tokens only (attention alone sees the padding);
-    features and every gradient must match the padded path's, which `return_tokens` takes."""
+def test_unpadded_text_tower_matches_the_padded_one_with_gradients(bf16, bucket, monkeypatch):
+    """encode_text runs the position-wise layers on the real tokens only (attention alone sees the padding), with
+    the token count rounded up to a bucket by keeping some padding; features and every gradient must match the
+    padded path's, which `return_tokens` takes."""
+    monkeypatch.setattr(text_module, "_TOKEN_BUCKET", bucket)
     torch.manual_seed(0)
     model = create_model(tiny_config()).train()
     captions = ["a", "a dog runs on the beach", "two cats on a red sofa in the sun by the window", "x y"]

@@ -9,6 +9,8 @@ from .config import TextConfig
 from .layers import LayerNorm, Ragged, Transformer, activation
 from .vision import _init_transformer
 
+_TOKEN_BUCKET = 256  # the unpadded text tower's token counts are rounded up to a multiple of this
+
 
 class TextTransformer(nn.Module):
     """The text tower. CLIP inherits from it so that its parameters keep OpenAI's top-level names
@@ -47,10 +49,18 @@ class TextTransformer(nn.Module):
             # Attention is causal, so no token after its row's EOT can change a pooled output: those are left out
             # (the columns after the last EOT entirely, the rest of the padding everywhere but in attention).
             ids = ids[:, : int(eot.max()) + 1]
-            ragged = Ragged(torch.arange(ids.shape[1], device=ids.device) <= eot[:, None])
+            keep = torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
+            # A token count that changes with every batch gives every step tensors of new sizes, and the heap
+            # fragments (a 15-minute training run peaked at 2x the memory). Some padding tokens, computed and
+            # ignored, round the count up to a multiple of _TOKEN_BUCKET, so that a few sizes recur.
+            spare = -int(keep.sum()) % _TOKEN_BUCKET
+            if spare:
+                keep.view(-1)[(~keep).view(-1).nonzero()[:spare, 0]] = True  # each row's kept tokens stay a prefix
+            ragged = Ragged(keep)
             x = self.token_embedding(ids.reshape(-1)[ragged.index])
             x = x + self.positional_embedding[ragged.index % ids.shape[1]]
             x = self.ln_final(self.transformer(x, causal=True, ragged=ragged))
-            pooled = x[(eot + 1).cumsum(0) - 1]  # each row's last real token is its EOT
+            kept = keep.sum(dim=1)
+            pooled = x[kept.cumsum(0) - kept + eot]
         pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
         return (pooled, x) if return_tokens else pooled
