@@ -43,8 +43,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 
 class Ragged:
-    """Where the real tokens of a padded `[B, L]` batch sit, so that the position-wise layers (LayerNorm, the
-    projections, the MLP) run on those tokens alone, `[N, W]`, and only attention sees the padded layout.
+    """Where the kept tokens of a padded `[B, L]` batch sit (`keep`: each row's real tokens, plus any padding the
+    caller chose to keep), so that the position-wise layers (LayerNorm, the projections, the MLP) run on those
+    tokens alone, `[N, W]`, and only attention sees the padded layout.
 
     Flickr-like captions average 14 of a 32-token context: unpadded, the text tower's matrices do less than half
     the work, and the features are the same, since a causal model's real tokens never attend to the padding."""
@@ -54,12 +55,12 @@ class Ragged:
         self.index = keep.reshape(-1).nonzero().squeeze(1)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C]` real tokens -> `[B, L, C]`, zeros at the padding."""
+        """`[N, C]` kept tokens -> `[B, L, C]`, zeros elsewhere."""
         flat = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
         return flat.view(self.batch, self.length, -1)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, L, C]` -> `[N, C]`, the real tokens in row-major order."""
+        """`[B, L, C]` -> `[N, C]`, the kept tokens in row-major order."""
         return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
 
 
