@@ -43,16 +43,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 
 class Ragged:
-    """Where the kept tokens of a padded `[B, L]` batch sit (`keep`: each row's real tokens, plus any padding the
-    caller chose to keep), so that the position-wise layers (LayerNorm, the projections, the MLP) run on those
-    tokens alone, `[N, W]`, and only attention sees the padded layout.
+    """Where the kept tokens of a padded `[B, L]` batch sit, so that the position-wise layers (LayerNorm, the
+    projections, the MLP) run on those tokens alone, `[N, W]`, and only attention sees the padded layout.
 
     Flickr-like captions average 14 of a 32-token context: unpadded, the text tower's matrices do less than half
-    the work, and the features are the same, since a causal model's real tokens never attend to the padding."""
+    the work, and the features are the same, since a causal model's real tokens never attend to the padding.
 
-    def __init__(self, keep: torch.Tensor):
+    `real` marks each row's real tokens, a prefix of the row. A token count that changes with every batch gives
+    every step tensors of new sizes, and the heap fragments (a 15-minute training run peaked at 2x the memory), so
+    some padding tokens, computed and ignored, are kept too, to round the count up to a multiple of `bucket`."""
+
+    def __init__(self, real: torch.Tensor, bucket: int = 1):
+        keep = real.clone()
+        spare = -int(keep.sum()) % bucket
+        if spare:  # the first padding tokens in row-major order: each row's kept tokens stay a prefix
+            keep.view(-1)[(~keep).view(-1).nonzero()[:spare, 0]] = True
         self.batch, self.length = keep.shape
-        self.index = keep.reshape(-1).nonzero().squeeze(1)
+        self.index = keep.view(-1).nonzero().squeeze(1)
+        kept = keep.sum(dim=1)
+        self.starts = kept.cumsum(0) - kept  # where each row's first token sits in `[N, W]`
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, C]` kept tokens -> `[B, L, C]`, zeros elsewhere."""
@@ -79,7 +88,7 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False, ragged: Ragged | None = None) -> torch.Tensor:
-        """`x` is `[B, L, W]`, or `[N, W]` real tokens with `ragged` saying where they sit."""
+        """`x` is `[B, L, W]`, or `[N, W]` kept tokens with `ragged` saying where they sit."""
         x = x.to(self.in_proj_weight.dtype)
         qkv = cpu_kernels.linear(x, self.in_proj_weight, self.in_proj_bias)
         if ragged is not None:
@@ -133,7 +142,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual blocks on batch-first `[B, L, W]` inputs, or on `[N, W]` real tokens with a `Ragged`."""
+    """A stack of residual blocks on batch-first `[B, L, W]` inputs, or on `[N, W]` kept tokens with a `Ragged`."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: type[nn.Module]):
         super().__init__()

@@ -49,18 +49,10 @@ class TextTransformer(nn.Module):
             # Attention is causal, so no token after its row's EOT can change a pooled output: those are left out
             # (the columns after the last EOT entirely, the rest of the padding everywhere but in attention).
             ids = ids[:, : int(eot.max()) + 1]
-            keep = torch.arange(ids.shape[1], device=ids.device) <= eot[:, None]
-            # A token count that changes with every batch gives every step tensors of new sizes, and the heap
-            # fragments (a 15-minute training run peaked at 2x the memory). Some padding tokens, computed and
-            # ignored, round the count up to a multiple of _TOKEN_BUCKET, so that a few sizes recur.
-            spare = -int(keep.sum()) % _TOKEN_BUCKET
-            if spare:
-                keep.view(-1)[(~keep).view(-1).nonzero()[:spare, 0]] = True  # each row's kept tokens stay a prefix
-            ragged = Ragged(keep)
+            ragged = Ragged(torch.arange(ids.shape[1], device=ids.device) <= eot[:, None], bucket=_TOKEN_BUCKET)
             x = self.token_embedding(ids.reshape(-1)[ragged.index])
             x = x + self.positional_embedding[ragged.index % ids.shape[1]]
             x = self.ln_final(self.transformer(x, causal=True, ragged=ragged))
-            kept = keep.sum(dim=1)
-            pooled = x[kept.cumsum(0) - kept + eot]
+            pooled = x[ragged.starts + eot]
         pooled = pooled.to(self.text_projection.dtype) @ self.text_projection
         return (pooled, x) if return_tokens else pooled

@@ -284,12 +284,13 @@ class CLIPTrainingModule(L.LightningModule):
         if per_image <= 1 or len(text_features) != per_image * len(image_features):
             return self.loss_fn(image_features, text_features, scale.exp(), bias)
         captions = [c.contiguous() for c in text_features.view(len(image_features), per_image, -1).unbind(1)]
-        loss = torch.stack([self.loss_fn(image_features, c, scale.exp(), bias) for c in captions]).mean()
+        temperature = scale.exp()
+        loss = torch.stack([self.loss_fn(image_features, c, temperature, bias) for c in captions]).mean()
         if self.loss_cfg.caption_contrast:
             # Two captions of one photo are positives for each other, other photos' captions negatives. A single
             # caption is a noisy view of its photo (on Flickr8k, a query that averages an image's 5 captions
             # finds it half as often again as one caption does); pulling the captions together cuts that noise.
-            pairs = [self.loss_fn(a, b, scale.exp(), bias) for a, b in itertools.combinations(captions, 2)]
+            pairs = [self.loss_fn(a, b, temperature, bias) for a, b in itertools.combinations(captions, 2)]
             loss = loss + self.loss_cfg.caption_contrast * torch.stack(pairs).mean()
         return loss
 
