@@ -39,7 +39,7 @@ def test_torchscript_fp16_archive_read_without_running_it(reference_model):
     assert raw.kind == "openai-torchscript"
     assert "attn_mask" not in raw.state_dict and raw.state_dict["text_projection"].dtype == torch.float16
     model, _, _ = clipforge.load(reference_model["folder"] / "openai_torchscript_fp16.pt")
-    assert model.text_projection.dtype == torch.float32  # fp16 weights become fp32 unless asked otherwise
+    assert model.text.text_projection.dtype == torch.float32  # fp16 weights become fp32 unless asked otherwise
     img, txt = features(model, reference_model["inputs"])
     assert max_diff(img, reference_model["expected"]["fp16_weights"]["image_features"]) <= 1e-4
     assert max_diff(txt, reference_model["expected"]["fp16_weights"]["text_features"]) <= 1e-4

@@ -62,7 +62,7 @@ def test_worker_processes_give_the_same_embeddings(nano, tmp_path):
 def test_all_failing_or_empty_input_gives_an_empty_matrix(nano):
     preprocess = image_transform(PreprocessConfig(image_size=nano.image_size))
     result = embed_images(nano, [b"junk"], preprocess, progress=False)
-    assert result.embeddings.shape == (0, nano.text_projection.shape[1]) and len(result.failures) == 1
+    assert result.embeddings.shape == (0, nano.embed_dim) and len(result.failures) == 1
     assert embed_images(nano, [], preprocess, progress=False).embeddings.shape[0] == 0
 
 

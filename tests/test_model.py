@@ -3,7 +3,19 @@ import torch
 import torch.nn.functional as F
 
 import clipforge
-from clipforge.model import CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+from clipforge.model import (
+    CLIPConfig,
+    ImageTower,
+    PreprocessConfig,
+    TextConfig,
+    TextTower,
+    VisionConfig,
+    canonical_name,
+    create_model,
+    get_model_config,
+    list_models,
+    split_activation,
+)
 from clipforge.model import text as text_module
 
 OPENAI_ARCHS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
@@ -41,6 +53,65 @@ def test_name_spellings_and_activation_suffixes():
     assert get_model_config("ViT-Nano-8-quickgelu").quick_gelu is True
     with pytest.raises(ValueError, match="unknown architecture 'ViT-Z-99'"):
         get_model_config("ViT-Z-99")
+
+
+def test_one_name_normalisation_for_every_spelling():
+    assert canonical_name(" ViT-L/14@336px ") == canonical_name("ViT-L/14@336") == "ViT-L-14-336"
+    assert split_activation("ViT-B/32-QuickGELU") == ("ViT-B-32", True)
+    assert split_activation("RN50-gelu") == ("RN50", False)
+    assert split_activation("ViT-L/14@336px") == ("ViT-L-14-336", None)
+
+
+@pytest.mark.parametrize("resnet", [False, True], ids=["vit", "resnet"])
+def test_towers_meet_their_contract(resnet):
+    cfg = tiny_config(resnet)
+    model = create_model(cfg).eval()
+    assert isinstance(model.visual, ImageTower) and isinstance(model.text, TextTower)
+    assert model.visual.output_dim == model.text.output_dim == model.embed_dim == cfg.embed_dim
+    assert model.visual.image_size == model.image_size == cfg.vision.image_size
+    # A model built from a config alone knows its preprocessing and tokenizer, and carries its (empty) history.
+    assert model.preprocess_config == PreprocessConfig(image_size=cfg.vision.image_size)
+    assert model.provenance == {}
+    tokenizer = clipforge.Tokenizer.from_config(model.tokenizer_config())
+    assert tokenizer.context_length == model.context_length == cfg.text.context_length
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    ids = tokenizer(["a dog", "a cat on a mat"])
+    with torch.no_grad():
+        assert model.visual(images).shape == model.text(ids).shape == (2, cfg.embed_dim)
+        _, tokens = model.text(ids, return_tokens=True)
+    assert tokens.shape[:2] == ids.shape
+    # Lock groups cover every parameter of the tower exactly once, first to last.
+    for tower in (model.visual, model.text):
+        grouped = [p for group in tower.lock_groups() for item in group
+                   for p in ([item] if isinstance(item, torch.nn.Parameter) else item.parameters())]
+        assert sorted(map(id, grouped)) == sorted(map(id, tower.parameters()))
+
+
+def test_state_dict_keeps_openai_layout_while_the_towers_are_attributes():
+    model = create_model(tiny_config())
+    names = {name for name, _ in model.named_parameters()}
+    assert "text.token_embedding.weight" in names and "token_embedding.weight" not in names
+    state = model.state_dict()
+    assert "token_embedding.weight" in state and not any(k.startswith("text.") for k in state)
+    other = create_model(tiny_config())
+    assert not torch.equal(other.text.text_projection, model.text.text_projection)
+    other.load_state_dict(state)  # strict: every OpenAI-named key finds its tensor
+    assert torch.equal(other.text.text_projection, model.text.text_projection)
+    with pytest.raises(RuntimeError, match=r"Missing key.*ln_final\.weight"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "ln_final.weight"})
+    # Inside a wrapper (a LightningModule, DDP) the layout applies below the wrapper's prefix.
+    wrapper = torch.nn.ModuleDict({"model": model})
+    assert "model.text_projection" in wrapper.state_dict()
+    wrapper.load_state_dict(wrapper.state_dict())
+
+
+def test_seeded_models_draw_the_same_weights_as_openais_order():
+    """The text tower is built first, as in OpenAI's CLIP, so a seed gives the weights it always gave; the first
+    values below were drawn by the model before the towers became attributes."""
+    torch.manual_seed(0)
+    model = create_model(tiny_config())
+    assert model.text.token_embedding.weight[0, :3].tolist() == pytest.approx([0.05941, -0.00688, 0.02286],
+                                                                                  abs=1e-5)
 
 
 def test_parameter_names_are_openai_layout():
@@ -93,7 +164,7 @@ def test_bf16_precision_keeps_fp32_interface_and_accuracy(resnet):
         ref_img, ref_txt = model.encode_image(images), model.encode_text(ids)
         model.set_precision("bf16")
         assert model.precision == "bf16"
-        assert model.ln_final.weight.dtype == torch.float32  # LayerNorm stays fp32
+        assert model.text.ln_final.weight.dtype == torch.float32  # LayerNorm stays fp32
         img, txt = model.encode_image(images), model.encode_text(ids)
     assert img.dtype == txt.dtype == torch.float32
     assert F.cosine_similarity(img, ref_img).min() > 0.999
@@ -121,7 +192,7 @@ def test_grad_checkpointing_gives_same_gradients():
         model.zero_grad()
         img, txt, _ = model(images, ids)
         (img @ txt.T).sum().backward()
-        return model.visual.conv1.weight.grad.clone(), model.token_embedding.weight.grad.clone()
+        return model.visual.conv1.weight.grad.clone(), model.text.token_embedding.weight.grad.clone()
 
     plain = grads()
     model.set_grad_checkpointing(True)
@@ -167,6 +238,6 @@ def test_unpadded_text_tower_matches_the_padded_one_with_gradients(bf16, bucket,
     tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-4}
     torch.testing.assert_close(unpadded, padded, **tolerance)
     assert unpadded_grads.keys() == padded_grads.keys()
-    assert "transformer.resblocks.0.attn.in_proj_weight" in padded_grads
+    assert "text.transformer.resblocks.0.attn.in_proj_weight" in padded_grads
     for name, grad in padded_grads.items():
         torch.testing.assert_close(unpadded_grads[name], grad, **tolerance, msg=name)

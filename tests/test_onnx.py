@@ -92,8 +92,8 @@ def test_text_pooling_takes_the_first_eot_like_the_model(vit):
     out = run_text(paths, ids)
     with torch.no_grad():
         expected = model.encode_text(ids)
-        _, tokens = model.text_tower(ids, return_tokens=True)
-        at_first_eot, at_largest = tokens[0, 3] @ model.text_projection, tokens[2, 7] @ model.text_projection
+        _, tokens = model.text(ids, return_tokens=True)
+        at_first_eot, at_largest = tokens[0, 3] @ model.text.text_projection, tokens[2, 7] @ model.text.text_projection
     assert_close(out["text_features"], expected)
     assert np.abs(out["text_features"][0] - at_first_eot.numpy()).max() <= TOL
     assert np.abs(out["text_features"][2] - at_largest.numpy()).max() <= TOL

@@ -13,6 +13,7 @@ import torch
 
 from clipforge.data.loading import BadItemCounter, EpochBatchSampler, PairDataset, Pairs, ShardStream, collate_pairs
 from clipforge.data.synthetic import make_scenes, write_caption_dataset
+from clipforge.model.precision import lightning_precision as resolve_precision
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import (
     LossConfig,
@@ -24,7 +25,7 @@ from clipforge.train.config import (
     save_config,
 )
 from clipforge.train.module import CLIPTrainingModule, WeightAverage, lock_towers, lr_at, param_groups
-from clipforge.train.run import build_model, resolve_precision
+from clipforge.train.run import build_model
 from clipforge.transforms import image_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,11 +86,11 @@ def test_weight_decay_only_on_matrices() -> None:
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
-    assert {"model.visual.conv1.weight", "model.text_projection", "model.visual.proj", "model.token_embedding.weight",
-            "model.transformer.resblocks.0.attn.in_proj_weight"} <= decayed
-    assert {"model.logit_scale", "logit_bias", "model.positional_embedding", "model.visual.positional_embedding",
-            "model.visual.class_embedding", "model.ln_final.weight", "model.ln_final.bias",
-            "model.transformer.resblocks.0.attn.in_proj_bias"} <= kept
+    assert {"model.visual.conv1.weight", "model.text.text_projection", "model.visual.proj",
+            "model.text.token_embedding.weight", "model.text.transformer.resblocks.0.attn.in_proj_weight"} <= decayed
+    assert {"model.logit_scale", "logit_bias", "model.text.positional_embedding", "model.visual.positional_embedding",
+            "model.visual.class_embedding", "model.text.ln_final.weight", "model.text.ln_final.bias",
+            "model.text.transformer.resblocks.0.attn.in_proj_bias"} <= kept
     assert not any("positional" in n or "ln_" in n or n.endswith("bias") for n in decayed)
     assert len(decayed) + len(kept) == len(list(module.parameters()))
 
@@ -114,7 +115,7 @@ def test_lock_image_tower_with_unlocked_last_groups() -> None:
     assert {"visual.proj", "visual.ln_post.weight", "visual.transformer.resblocks.1.mlp.c_fc.weight"} <= trainable
     assert not any(n.startswith(("visual.conv1", "visual.transformer.resblocks.0", "visual.positional"))
                    for n in trainable)
-    assert "text_projection" in trainable and "token_embedding.weight" in trainable
+    assert "text.text_projection" in trainable and "text.token_embedding.weight" in trainable
 
     model = _tiny_model()
     lock_towers(model, ModelConfig(lock_text=True))
@@ -127,7 +128,7 @@ def test_locked_resnet_keeps_batchnorm_statistics() -> None:
     module = CLIPTrainingModule(model, OptimConfig(), LossConfig(), ModelConfig(lock_image=True))
     module.train()
     assert not model.visual.bn1.training and not model.visual.layer1[0].bn1.training
-    assert model.transformer.training
+    assert model.text.transformer.training
     assert not any(p.requires_grad for p in model.visual.parameters())
 
 
@@ -434,14 +435,14 @@ def test_training_module_keeps_the_average_in_its_checkpoint_and_sets_the_temper
     module = CLIPTrainingModule(_tiny_model(), OptimConfig(ema_decay=0.99), LossConfig(init_logit_scale=30.0))
     assert module.model.logit_scale.exp().item() == pytest.approx(30.0)
     with torch.no_grad():
-        module.model.text_projection.add_(1.0)
+        module.model.text.text_projection.add_(1.0)
     module.ema.update(100)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     other = CLIPTrainingModule(_tiny_model(), OptimConfig(ema_decay=0.99), LossConfig())
     other.on_load_checkpoint(checkpoint)
     with other.final_weights():
-        assert torch.allclose(other.model.text_projection, module.ema.state_dict()["text_projection"])
+        assert torch.allclose(other.model.text.text_projection, module.ema.state_dict()["text_projection"])
     with pytest.raises(ValueError, match="init_logit_scale"):
         CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig(init_logit_scale=500.0))
 

@@ -119,7 +119,7 @@ def test_classifier_is_renormalised_mean_of_normalised_template_embeddings(nano)
     templates = [*load_templates("seeds"), "{} and {}"]
     # Batch size 5 splits classes across batches: rows must still land with their own class.
     weights = zero_shot_classifier(model, tokenizer, classnames, templates, batch_size=5, progress=False)
-    assert weights.shape == (model.text_projection.shape[1], len(classnames)) and weights.dtype == torch.float32
+    assert weights.shape == (model.embed_dim, len(classnames)) and weights.dtype == torch.float32
     with torch.no_grad():
         for c, name in enumerate(classnames):
             texts = [t.replace("{}", name) for t in templates]
@@ -158,7 +158,7 @@ class ColourModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.text_projection = nn.Parameter(torch.zeros(1, 3))
+        self.embed_dim = 3  # the width of the embedding space, which the embedding functions read
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
 
     def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -93,8 +93,7 @@ def embed_images(
                 rows.append(feats.float().cpu())
                 indices += batch_indices
             bar.update(len(batch_indices) + len(bad))
-    width = model.text_projection.shape[1]
-    embeddings = torch.cat(rows) if rows else torch.empty(0, width)
+    embeddings = torch.cat(rows) if rows else torch.empty(0, model.embed_dim)
     return ImageEmbeddings(embeddings, indices, failures)
 
 
@@ -119,8 +118,7 @@ def embed_texts(
             feats = model.encode_text(tokenizer(chunk).to(device), normalize=normalize)
             rows.append(feats.float().cpu())
             bar.update(len(chunk))
-    width = model.text_projection.shape[1]
-    return torch.cat(rows) if rows else torch.empty(0, width)
+    return torch.cat(rows) if rows else torch.empty(0, model.embed_dim)
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import importlib.util
-import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -38,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .checkpoints.store import _atomic_write
 from .model import CLIP
-from .tokenizer import _VOCAB_RESOURCE, Tokenizer
+from .tokenizer import VOCAB_FILE, Tokenizer, vocab_bytes
 from .transforms import PreprocessConfig
+from .util import atomic_write_bytes, atomic_write_json, commit_file
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; torch's dynamo exporter builds opset 18 natively
 EXPORTERS = ("dynamo", "torchscript")
@@ -89,9 +87,9 @@ class _TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The tower's own argmax pooling is discarded (and pruned from the graph): only its tokens are used.
-        _, tokens = self.model.text_tower(input_ids, return_tokens=True)
+        _, tokens = self.model.text(input_ids, return_tokens=True)
         pooled = tokens[torch.arange(tokens.shape[0]), first_eot_positions(input_ids, self.eot_id)]
-        projection = self.model.text_projection
+        projection = self.model.text.text_projection
         features = (pooled.to(projection.dtype) @ projection).float()
         return F.normalize(features, dim=-1), features
 
@@ -112,7 +110,7 @@ def export_onnx(
     `dynamo` (torch's default, needs onnxscript) or `torchscript` (torch's older exporter, deprecated). The
     graphs hold fp32 weights whatever the model's precision. Returns the written paths by role: `image`,
     `text`, `config`, `vocab` (and `image_data`/`text_data` for models too large for one file)."""
-    _require_onnx(exporter)
+    require_onnx(exporter)
     if ids_dtype not in IDS_DTYPES:
         raise ValueError(f"ids_dtype must be one of {', '.join(IDS_DTYPES)}, got {ids_dtype!r}")
     lowest = _LOWEST_OPSET[exporter]
@@ -145,16 +143,13 @@ def export_onnx(
         config = _folder_config(fp32, preprocess, tokenizer, ids_dtype, opset, exporter)
     for role in ("image", "text"):
         _check_opset(paths[role], opset)
-    paths["vocab"] = out_dir / Path(_VOCAB_RESOURCE).name
-    vocab = importlib.resources.files("clipforge").joinpath(_VOCAB_RESOURCE).read_bytes()
-    _atomic_write(paths["vocab"], lambda tmp: Path(tmp).write_bytes(vocab))
+    paths["vocab"] = atomic_write_bytes(out_dir / VOCAB_FILE, vocab_bytes())
     # config.json last: a folder that has one is complete.
-    paths["config"] = out_dir / CONFIG_FILE
-    _atomic_write(paths["config"], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    paths["config"] = atomic_write_json(out_dir / CONFIG_FILE, config)
     return paths
 
 
-def _require_onnx(exporter: str) -> None:
+def require_onnx(exporter: str) -> None:
     """A clear ImportError naming the extra to install when an exporter's dependencies are missing."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -176,7 +171,7 @@ def _check_opset(path: Path, opset: int) -> None:
 
 def _preprocess_config(model: CLIP, cfg: PreprocessConfig | dict[str, Any] | None) -> PreprocessConfig:
     if cfg is None:
-        cfg = getattr(model, "preprocess_config", None) or PreprocessConfig(image_size=model.image_size)
+        cfg = model.preprocess_config
     elif isinstance(cfg, dict):
         cfg = PreprocessConfig.from_dict(cfg)
     if cfg.image_size != model.image_size:
@@ -188,7 +183,7 @@ def _preprocess_config(model: CLIP, cfg: PreprocessConfig | dict[str, Any] | Non
 def _fp32_cpu_eval(model: CLIP):
     """The model as fp32 on CPU in eval mode: itself when it already is (its mode restored afterwards),
     else a converted copy, so the caller's model is never changed."""
-    if model.precision == "fp32" and model.text_projection.device.type == "cpu":
+    if model.precision == "fp32" and model.logit_scale.device.type == "cpu":
         was_training = model.training
         try:
             yield model.eval()
@@ -223,7 +218,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, pat
                                   opset_version=opset, dynamic_axes=axes, dynamo=False)
         written = {}
         for file in sorted(staging.iterdir()):
-            os.replace(file, path.parent / file.name)
+            commit_file(file, path.parent / file.name)
             key = role if file.name == path.name else f"{role}_data"
             written[key] = path.parent / file.name
         return written
@@ -273,7 +268,7 @@ def _folder_config(model: CLIP, preprocess: PreprocessConfig, tokenizer: Tokeniz
         },
         "tokenizer": {
             **tokenizer.to_config(),
-            "vocab_file": Path(_VOCAB_RESOURCE).name,
+            "vocab_file": VOCAB_FILE,
             "sot_token_id": tokenizer.sot_token_id,
             "eot_token_id": tokenizer.eot_token_id,
             "pad_token_id": 0,
@@ -286,11 +281,11 @@ def _folder_config(model: CLIP, preprocess: PreprocessConfig, tokenizer: Tokeniz
             "embed_dim": dim,
             "logit_scale": float(model.logit_scale.detach().exp()),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "provenance": getattr(model, "provenance", {}),
+            "provenance": model.provenance,
         },
         "export": {"opset": opset, "exporter": exporter, "torch": torch.__version__, "clipforge": __version__,
                    "logits": "logit_scale * image_embedding @ text_embedding.T"},
     }
 
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "first_eot_positions"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "first_eot_positions", "require_onnx"]

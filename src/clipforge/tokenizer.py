@@ -31,7 +31,8 @@ import torch
 
 TOKENIZER_TYPE = "openai-bpe"
 DEFAULT_CONTEXT_LENGTH = 77
-_VOCAB_RESOURCE = "assets/bpe_simple_vocab_16e6.txt.gz"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI's BPE merges, shipped in the package's assets/
+_VOCAB_RESOURCE = f"assets/{VOCAB_FILE}"
 _NUM_MERGES = 49152 - 256 - 2  # merge lines used after the header line
 _SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 _WORD_END = "</w>"
@@ -57,12 +58,16 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+def vocab_bytes() -> bytes:
+    """The gzipped BPE merges file the tokenizer reads (for exports that ship it beside a model)."""
+    return importlib.resources.files("clipforge").joinpath(_VOCAB_RESOURCE).read_bytes()
+
+
 class _Vocabulary:
     """The token strings, their ids and the merge ranks, read once from the packaged merges file."""
 
     def __init__(self) -> None:
-        data = importlib.resources.files("clipforge").joinpath(_VOCAB_RESOURCE).read_bytes()
-        lines = gzip.decompress(data).decode("utf-8").split("\n")
+        lines = gzip.decompress(vocab_bytes()).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
         if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
             raise ValueError(f"{_VOCAB_RESOURCE} is not OpenAI's BPE merges file (bad merge lines)")

@@ -1,5 +1,4 @@
-"""Image preprocessing: OpenAI/open_clip-exact eval transform, fast JPEG decode, train augmentation,
-robust image loading.
+"""Image preprocessing: OpenAI/open_clip-exact eval transform, fast JPEG decode, train augmentation.
 
 Eval (exact) pipeline, the same PIL calls in the same order as open_clip 3.3.0's
 ``image_transform(size, is_train=False)`` (torchvision ``Resize`` -> ``CenterCrop`` -> RGB -> ``ToTensor``
@@ -25,21 +24,16 @@ Deliberate differences from open_clip:
 - An image so elongated that its shortest-side resize would exceed ``DEFAULT_MAX_PIXELS`` pixels (aspect
   ratio beyond about 1780:1 at 224) is refused with ValueError instead of exhausting memory.
 
-EXIF orientation is NOT applied (neither OpenAI's CLIP nor open_clip applies it): a photo stored sideways
-with an orientation tag is embedded sideways, as in the reference. Apply ``PIL.ImageOps.exif_transpose``
-yourself before the transform if you want it.
+Images are decoded by `clipforge.images.load_image`. EXIF orientation is NOT applied (neither OpenAI's CLIP nor
+open_clip applies it): a photo stored sideways with an orientation tag is embedded sideways, as in the reference.
+Apply ``PIL.ImageOps.exif_transpose`` yourself before the transform if you want it.
 
 Fast mode (``fast=True``): JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale (``Image.draft``) while
 the shortest side stays >= the size the resize needs, then the same pipeline runs. Draft must happen
 before the pixels load, so pass the transform a path/bytes, a lazily opened ``Image.open(...)`` result, or
 use ``load_image(src, draft_size=transform.draft_size)``; an already loaded image is processed exactly.
-Measured (``bench/bench_preprocess.py``, normalised tensors, fast vs exact, Pillow 13.0):
-
-- Flickr8k 128x128 JPEGs at 224: draft never triggers, identical (max abs diff 0).
-- 640x480 JPEGs (q=90) -> 224 (libjpeg decodes at 1/2 scale, 320x240):
-  mosaics of real photos (full-resolution detail): mean abs diff 0.035, max 1.07, cosine 0.9985;
-  upscaled photos (smooth content): mean abs diff 0.006, max 0.20, cosine 0.99996;
-  about 2.1x the exact path's images/s.
+Images whose shortest side is below twice the size never draft and come out identical; larger photos differ
+slightly from the exact path (``bench/bench_preprocess.py`` measures speed and difference; bench/results.md).
 
 Train augmentation (``is_train=True``): random resized crop, scale (0.9, 1.0), log-uniform aspect ratio in
 (3/4, 4/3), 10 attempts then a centre crop clamped to the ratio range (torchvision's
@@ -52,17 +46,17 @@ follows the config (open_clip always uses bicubic for training; so does the defa
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance
+
+# Decoding lives in `images`; the preprocessing config in `model.config` (a model's description includes it).
+# Both are part of this module's public API, as they always were.
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, finish_loading, load_image
+from .model.config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -75,175 +69,13 @@ __all__ = [
     "load_image",
 ]
 
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-# Pillow's default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3): past it Pillow only warns, we refuse.
-DEFAULT_MAX_PIXELS = 89_478_485
-
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-_RESIZE_MODES = ("shortest", "squash")
 _TRAIN_SCALE = (0.9, 1.0)
 _TRAIN_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
-# Formats whose decoder can scale down while decoding; MPO is the multi-picture JPEG many cameras write.
-_DRAFT_FORMATS = ("JPEG", "MPO")
 # Refuse a shortest-side resize whose intermediate image would exceed this many pixels: a 50,000,000 x 1
 # banner passes the decode limit but would be resized to 11,200,000,000 x 224 pixels (tens of GB).
 _MAX_RESIZED_PIXELS = DEFAULT_MAX_PIXELS
-
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
-
-
-class ImageDecodeError(ValueError):
-    """An image file (path, bytes or stream) that cannot be decoded; the message names it and says why."""
-
-
-# ---------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class PreprocessConfig:
-    """How images become model input; saved in a model folder's config.json under "preprocess"."""
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
-    resize_mode: str = "shortest"  # "shortest" (resize shortest side, centre crop) | "squash"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"PreprocessConfig.image_size must be a positive int, got {self.image_size!r}")
-        self.mean = _three_floats("mean", self.mean)
-        self.std = _three_floats("std", self.std)
-        if min(self.std) <= 0:
-            raise ValueError(f"PreprocessConfig.std must be positive, got {self.std}")
-        # isinstance first: an unhashable value (a list from a bad JSON file) must give this error, not TypeError.
-        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"PreprocessConfig.interpolation must be one of {sorted(_INTERPOLATIONS)}, "
-                             f"got {self.interpolation!r}")
-        if not isinstance(self.resize_mode, str) or self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"PreprocessConfig.resize_mode must be one of {list(_RESIZE_MODES)}, "
-                             f"got {self.resize_mode!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of ``to_dict``; unknown keys are an error (a typo must not silently change preprocessing)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"preprocess config must be a dict (JSON object), got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocess config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
-
-
-def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"PreprocessConfig.{name} must be 3 numbers, got {value!r}") from None
-    if len(out) != 3 or not all(math.isfinite(v) for v in out):
-        raise ValueError(f"PreprocessConfig.{name} must be 3 finite numbers, got {value!r}")
-    return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------- decode
-
-
-def load_image(source: ImageSource, draft_size: int | None = None, *,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image from a path, bytes or a binary file-like object.
-
-    ``draft_size``: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >=
-    ``draft_size`` (fast mode; other formats ignore it). EXIF orientation is not applied (open_clip parity).
-    Raises ``ImageDecodeError`` (one line naming the source) for a missing/empty file, data that is not an
-    image, a zero-size image, more than ``max_pixels`` pixels (decompression bomb), or truncated/corrupt data.
-    Note: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` would hide truncation; keep it False.
-    """
-    name = _source_name(source)
-    data = _read_source(source, name)
-    if not data:
-        raise ImageDecodeError(f"cannot decode image {name}: empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"cannot decode image {name}: decompression bomb ({_one_line(err)})") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(f"cannot decode image {name}: not an image (format not recognised by "
-                               f"Pillow, {len(data)} bytes)") from None
-    except MemoryError:
-        raise
-    except Exception as err:  # Pillow raises many types on malformed headers
-        raise ImageDecodeError(f"cannot decode image {name}: corrupt header ({_one_line(err)})") from None
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"cannot decode image {name}: zero-size image ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageDecodeError(f"cannot decode image {name}: {width}x{height} = {width * height:,} pixels "
-                               f"exceeds max_pixels={max_pixels:,} (decompression bomb?)")
-    if draft_size is not None and img.format in _DRAFT_FORMATS:
-        img.draft("RGB", (draft_size, draft_size))
-    try:
-        img.load()
-    except MemoryError:
-        raise
-    except Exception as err:
-        raise ImageDecodeError(f"cannot decode image {name}: truncated or corrupt {img.format} data "
-                               f"({_one_line(err)})") from None
-    return img
-
-
-def _load_pil(image: Image.Image) -> None:
-    """Decode a lazily opened PIL image now, so truncated data raises ImageDecodeError naming its file."""
-    try:
-        image.load()
-    except MemoryError:
-        raise
-    except Exception as err:
-        name = repr(getattr(image, "filename", "") or "<PIL image>")
-        raise ImageDecodeError(f"cannot decode image {name}: truncated or corrupt {image.format} data "
-                               f"({_one_line(err)})") from None
-
-
-def _source_name(source: ImageSource) -> str:
-    if isinstance(source, str | os.PathLike):
-        return repr(os.fspath(source))
-    if isinstance(source, bytes | bytearray | memoryview):
-        return f"<{len(source)} bytes>"
-    return repr(getattr(source, "name", None) or f"<{type(source).__name__}>")
-
-
-def _read_source(source: ImageSource, name: str) -> bytes:
-    if isinstance(source, bytes | bytearray | memoryview):
-        return bytes(source)
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageDecodeError(f"cannot decode image {name}: file not found") from None
-        except IsADirectoryError:
-            raise ImageDecodeError(f"cannot decode image {name}: is a directory, not a file") from None
-        except OSError as err:
-            raise ImageDecodeError(f"cannot decode image {name}: cannot read ({_one_line(err)})") from None
-    if hasattr(source, "read"):
-        # Reading the whole stream also handles non-seekable ones (HTTP bodies, tar members).
-        data = source.read()
-        if not isinstance(data, bytes | bytearray):
-            raise ImageDecodeError(f"cannot decode image {name}: stream is not binary (open it with 'rb')")
-        return bytes(data)
-    raise TypeError(f"load_image expects a path, bytes or a binary file object, got {type(source).__name__}")
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # ------------------------------------------------------------------------------------------ transform
@@ -284,7 +116,7 @@ class ImageTransform:
         else:
             if self.fast:
                 image.draft("RGB", (self.draft_size, self.draft_size))  # no-op unless an unloaded JPEG
-            _load_pil(image)
+            finish_loading(image)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ValueError(f"cannot preprocess a zero-size image ({width}x{height})")

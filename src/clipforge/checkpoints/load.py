@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-from ..model import CLIP, CLIPConfig, canonical_precision, get_model_config, list_models
-from ..model.config import canonical_name
+from ..model import CLIP, CLIPConfig, PreprocessConfig, canonical_precision, get_model_config, list_models
+from ..model.config import split_activation
 from ..tokenizer import Tokenizer
-from ..transforms import PreprocessConfig, image_transform
+from ..transforms import image_transform
+from . import hf
+from .folder import save_folder, save_torch, write_weights_folder
 from .formats import CheckpointError, RawCheckpoint, read_checkpoint
 from .infer import infer_config
-from .store import atomic_torch_save, save_folder, write_weights_folder
 
 
 def load(
@@ -37,8 +38,8 @@ def load(
     precision = canonical_precision(precision)  # checked before any file is read
     path, hints = _resolve_source(source, pretrained)
     raw = read_checkpoint(path)
-    cfg, preprocess_cfg, tokenizer_cfg = _configs_for(raw, arch or hints.get("arch"),
-                                                      _first(quick_gelu, hints.get("quick_gelu"), raw.quick_gelu))
+    cfg, preprocess_cfg, tokenizer_cfg = checkpoint_configs(
+        raw, arch or hints.get("arch"), _first(quick_gelu, hints.get("quick_gelu"), raw.quick_gelu))
     if hints.get("preprocess"):
         preprocess_cfg = PreprocessConfig.from_dict(hints["preprocess"])
     model = build_from_state_dict(raw.state_dict, cfg, str(raw.path))
@@ -47,7 +48,7 @@ def load(
     model.provenance = {**(raw.config or {}).get("provenance", {}), "source": str(source), "format": raw.kind,
                         **({"pretrained": pretrained} if pretrained else {})}
     model.set_precision(precision).to(device).eval()
-    tokenizer = Tokenizer.from_config(tokenizer_cfg) if tokenizer_cfg else Tokenizer(cfg.text.context_length)
+    tokenizer = Tokenizer.from_config(tokenizer_cfg or model.tokenizer_config())
     return model, image_transform(preprocess_cfg, fast=fast_preprocess), tokenizer
 
 
@@ -76,13 +77,13 @@ def save_model(model: CLIP, directory: str | Path, provenance: dict[str, Any] | 
                preprocess_cfg: PreprocessConfig | None = None) -> Path:
     """Save `model` (fp32 weights) in clipforge's folder format, with its preprocessing and tokenizer config.
 
-    Preprocessing: `preprocess_cfg`, else the one the model was loaded with, else OpenAI's at the model's size."""
-    preprocess = (preprocess_cfg or getattr(model, "preprocess_config", None)
-                  or PreprocessConfig(image_size=model.image_size))
+    Preprocessing: `preprocess_cfg`, else the model's own (`model.preprocess_config`). `provenance` is merged into
+    the model's."""
+    preprocess = preprocess_cfg or model.preprocess_config
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    tokenizer = Tokenizer(model.context_length).to_config()
-    merged = {**getattr(model, "provenance", {}), **(provenance or {})}
-    return save_folder(directory, state, model.config.to_dict(), preprocess.to_dict(), tokenizer, merged)
+    merged = {**model.provenance, **(provenance or {})}
+    return save_folder(directory, state, model.config.to_dict(), preprocess.to_dict(), model.tokenizer_config(),
+                       merged)
 
 
 def convert(source: str | Path, destination: str | Path, to: str = "clipforge", arch: str | None = None,
@@ -92,25 +93,26 @@ def convert(source: str | Path, destination: str | Path, to: str = "clipforge", 
     `to` is `clipforge` (folder), `hf` (an HF transformers CLIP folder; ViT image towers only) or `openai`
     (a `.pt` state dict in OpenAI's names, readable with `torch.load(weights_only=True)`)."""
     raw = read_checkpoint(source)
-    cfg, preprocess_cfg, tokenizer_cfg = _configs_for(raw, arch, _first(quick_gelu, raw.quick_gelu))
-    build_from_state_dict(raw.state_dict, cfg, str(raw.path))  # validates names and shapes
+    cfg, preprocess_cfg, tokenizer_cfg = checkpoint_configs(raw, arch, _first(quick_gelu, raw.quick_gelu))
+    model = build_from_state_dict(raw.state_dict, cfg, str(raw.path))  # validates names and shapes
     destination = Path(destination)
     if to == "clipforge":
         provenance = {"converted_from": str(source), "source_format": raw.kind}
         return save_folder(destination, raw.state_dict, cfg.to_dict(), preprocess_cfg.to_dict(),
-                           tokenizer_cfg or Tokenizer(cfg.text.context_length).to_config(), provenance)
+                           tokenizer_cfg or model.tokenizer_config(), provenance)
     if to == "hf":
-        from . import hf
-
         return write_weights_folder(destination, hf.openai_state_dict_to_hf(raw.state_dict, cfg),
                                     hf.clip_config_to_hf_config(cfg))
     if to == "openai":
-        return atomic_torch_save(dict(raw.state_dict), destination)
+        return save_torch(dict(raw.state_dict), destination)
     raise ValueError(f"unknown target format {to!r}; choose clipforge, hf or openai")
 
 
-def _configs_for(raw: RawCheckpoint, arch: str | None, quick_gelu: bool | None):
-    """(model config, preprocess config, tokenizer config or None) for a checkpoint."""
+def checkpoint_configs(raw: RawCheckpoint, arch: str | None = None,
+                       quick_gelu: bool | None = None) -> tuple[CLIPConfig, PreprocessConfig, dict[str, Any] | None]:
+    """(model config, preprocess config, tokenizer config or None) for a checkpoint: what its own config says,
+    else the architecture `arch` names, else the one its weights' shapes give (`quick_gelu` where the weights
+    cannot tell the activation)."""
     if raw.config is not None:  # a clipforge folder says everything itself
         cfg = CLIPConfig.from_dict(raw.config["model"])
         return cfg, PreprocessConfig.from_dict(raw.config["preprocess"]), raw.config.get("tokenizer")
@@ -142,10 +144,11 @@ def _resolve_source(source: str | Path, pretrained: str | None) -> tuple[Path, d
     path = Path(text).expanduser()
     if path.exists():
         return path, {}
-    if canonical_name(text).removesuffix("-quickgelu") in list_models():
+    base, _ = split_activation(text)
+    if base in list_models():
         from .pretrained import list_pretrained
 
-        tags = [tag for name, tag in list_pretrained() if canonical_name(name) == canonical_name(text)]
+        tags = [tag for name, tag in list_pretrained() if split_activation(name)[0] == base]
         hint = f"pass pretrained= one of {tags}" if tags else "no pretrained weights are registered for it"
         raise CheckpointError(f"{text!r} is an architecture, not weights: {hint}, or use "
                               f"clipforge.create_model({text!r}) for a randomly initialised model")
@@ -162,4 +165,4 @@ def _describe(cfg: CLIPConfig) -> str:
     return f"{tower} @{v.image_size}px / text w{cfg.text.width} L{cfg.text.layers} ctx{cfg.text.context_length}"
 
 
-__all__ = ["build_from_state_dict", "convert", "load", "save_model"]
+__all__ = ["build_from_state_dict", "checkpoint_configs", "convert", "load", "save_model"]

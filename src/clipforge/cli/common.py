@@ -26,9 +26,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace, fast_preprocess: bool = False):
     """(model, preprocess, tokenizer) from --checkpoint or --model/--pretrained."""
     from ..checkpoints import load
-    from ..model import auto_precision
+    from ..model import resolve_precision
 
-    precision = auto_precision(args.device) if args.precision == "auto" else args.precision
+    precision = resolve_precision(args.precision, args.device)
     if args.checkpoint:
         return load(args.checkpoint, device=args.device, precision=precision, fast_preprocess=fast_preprocess)
     if args.model and args.pretrained:

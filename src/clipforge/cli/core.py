@@ -40,11 +40,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..checkpoints import read_checkpoint
-    from ..checkpoints.load import _configs_for
+    from ..checkpoints import checkpoint_configs, read_checkpoint
 
     raw = read_checkpoint(args.checkpoint)
-    cfg, preprocess, _ = _configs_for(raw, args.model, None)
+    cfg, preprocess, _ = checkpoint_configs(raw, args.model)
     params = sum(t.numel() for t in raw.state_dict.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in raw.state_dict.values()})
     info = {"path": str(raw.path), "format": raw.kind, "parameters": params, "dtypes": dtypes,

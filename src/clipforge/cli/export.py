@@ -14,10 +14,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from ..export import _require_onnx, export_onnx
+    from ..export import export_onnx, require_onnx
 
     try:  # before loading the model: a missing extra should not cost a model load
-        _require_onnx(args.exporter)
+        require_onnx(args.exporter)
     except ImportError as err:
         print(f"clipforge export: error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -140,18 +140,13 @@ def _filtered(path: Path, images: list[Path], texts: list[str], table, split: st
 
 def model_info(model: torch.nn.Module, name: str | None = None) -> dict[str, Any]:
     """Name, architecture, precision and provenance of a loaded model, for a result's ``model`` field."""
-    provenance = dict(getattr(model, "provenance", {}) or {})
+    provenance = dict(model.provenance)
     if name is None:
         source = str(provenance.get("source", "model"))
         tag = provenance.get("pretrained")
         name = f"{source}-{tag}" if tag else Path(source.rstrip("/")).name or source
-    info: dict[str, Any] = {"name": name}
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        cfg = config.to_dict()
-        info["embed_dim"] = cfg.get("embed_dim")
-    info["precision"] = getattr(model, "precision", None)
-    info["provenance"] = provenance
+    info: dict[str, Any] = {"name": name, "embed_dim": model.embed_dim, "precision": model.precision,
+                            "provenance": provenance}
     return info
 
 
@@ -497,7 +492,7 @@ def run_suite(config_path: str | Path, output_dir: str | Path | None = None, *, 
     Returns ``{"results": [...], "errors": [{"model", "task", "data", "error"}], "summary": rows}``.
     """
     from ..checkpoints import load
-    from ..model import auto_precision
+    from ..model import resolve_precision
     from .report import summary_rows, write_report, write_summary
 
     config_path = Path(config_path).expanduser()
@@ -513,8 +508,7 @@ def run_suite(config_path: str | Path, output_dir: str | Path | None = None, *, 
     errors: list[dict[str, Any]] = []
     for spec in config["models"]:
         device = spec.get("device", "cpu")
-        precision = spec.get("precision", "auto")
-        precision = auto_precision(device) if precision == "auto" else precision
+        precision = resolve_precision(spec.get("precision", "auto"), device)
         source = _resolve(base, spec["checkpoint"]) if spec.get("checkpoint") else spec["model"]
         model, preprocess, tokenizer = load(source, device=device, precision=precision,
                                             pretrained=spec.get("pretrained"),

@@ -196,7 +196,7 @@ def classify(
 
 
 def _check_classifier(classifier: torch.Tensor, classnames: Sequence[str], model) -> None:
-    width = model.text_projection.shape[1]
+    width = model.embed_dim
     if classifier.ndim != 2 or classifier.shape != (width, len(classnames)):
         raise ValueError(f"classifier must be [embedding width {width}, classes {len(classnames)}] as returned "
                          f"by zero_shot_classifier, got {tuple(classifier.shape)}")

@@ -1,12 +1,15 @@
-"""Building blocks: fp32 LayerNorm, QuickGELU, SDPA attention in OpenAI's parameter layout."""
+"""Building blocks of CLIP's Transformers, in OpenAI's parameter layout: fp32 LayerNorm, multi-head attention,
+the MLP, the pre-LN residual block and the stack of blocks.
+
+These are the plain layers training runs. For inference on a CPU, `cpu_inference` swaps some of them for
+packed oneDNN versions that compute the same function; nothing here knows about that.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from . import cpu_kernels
 
 
 class LayerNorm(nn.LayerNorm):
@@ -19,19 +22,12 @@ class LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI trained its CLIP models with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Softmax attention of `[B, H, L, D]` heads: SDPA, except when training in bf16/fp16 on a CPU.
 
-    There, SDPA's fused CPU kernel is 2.5-5x slower forward+backward than three plain ops on the short sequences
-    CLIP uses (ViT-B/32's 50 tokens, captions' ~20, attention pooling's 10), because its backward does not use
-    the bf16 matrix units. The plain path keeps the softmax in fp32, as the fused kernel does."""
+    There, SDPA's fused CPU kernel is slower forward+backward than three plain ops on the short sequences CLIP
+    uses, because its backward does not use the bf16 matrix units (bench/results.md, training step). The plain
+    path keeps the softmax in fp32, as the fused kernel does."""
     if not (torch.is_grad_enabled() and q.requires_grad and q.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -46,12 +42,12 @@ class Ragged:
     """Where the kept tokens of a padded `[B, L]` batch sit, so that the position-wise layers (LayerNorm, the
     projections, the MLP) run on those tokens alone, `[N, W]`, and only attention sees the padded layout.
 
-    Flickr-like captions average 14 of a 32-token context: unpadded, the text tower's matrices do less than half
-    the work, and the features are the same, since a causal model's real tokens never attend to the padding.
+    Captions are mostly shorter than the context, so unpadded the text tower's matrices do a fraction of the
+    work; the features are the same, since a causal model's real tokens never attend to the padding.
 
     `real` marks each row's real tokens, a prefix of the row. A token count that changes with every batch gives
-    every step tensors of new sizes, and the heap fragments (a 15-minute training run peaked at 2x the memory), so
-    some padding tokens, computed and ignored, are kept too, to round the count up to a multiple of `bucket`."""
+    every step tensors of new sizes, and the heap fragments (a long training run's memory grows), so some padding
+    tokens, computed and ignored, are kept too, to round the count up to a multiple of `bucket`."""
 
     def __init__(self, real: torch.Tensor, bucket: int = 1):
         keep = real.clone()
@@ -90,18 +86,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False, ragged: Ragged | None = None) -> torch.Tensor:
         """`x` is `[B, L, W]`, or `[N, W]` kept tokens with `ragged` saying where they sit."""
         x = x.to(self.in_proj_weight.dtype)
-        qkv = cpu_kernels.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return self.out_proj(self.attend(qkv, causal, ragged))
+
+    def attend(self, qkv: torch.Tensor, causal: bool = False, ragged: Ragged | None = None) -> torch.Tensor:
+        """The heads' attention over projected queries, keys and values `[..., 3W]` (laid out as `forward`'s
+        input), merged back to `[..., W]`: everything between the two projections."""
         if ragged is not None:
             qkv = ragged.pad(qkv)
         batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, causal=causal).transpose(1, 2).reshape(batch, length, width)
-        if ragged is not None:
-            out = ragged.unpad(out)
-        return cpu_kernels.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return ragged.unpad(out) if ragged is not None else out
 
 
 class MLP(nn.Sequential):
+    """Linear, activation, linear (OpenAI's `c_fc`, `gelu`, `c_proj`)."""
+
     def __init__(self, width: int, hidden: int, act: type[nn.Module]):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
@@ -109,21 +110,7 @@ class MLP(nn.Sequential):
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inputs = x.to(self.c_fc.weight.dtype)
-        fused = cpu_kernels.activation_kernel(self.gelu)
-        if fused is None or not cpu_kernels.fast_path(inputs, self.c_fc.weight):
-            return super().forward(inputs)
-        # The activation runs inside the first matmul, on its fp32 accumulator.
-        act, algorithm, scale = fused
-        if scale == 1.0:
-            hidden = cpu_kernels.fast_linear(inputs, self.c_fc.weight, self.c_fc.bias, act, algorithm)
-            return cpu_kernels.fast_linear(hidden, self.c_proj.weight, self.c_proj.bias)
-        # A scaled activation, QuickGELU(h) = swish(scale * h) / scale: the factor goes on the input before its one
-        # rounding to the weights' dtype, and its inverse on the output. Scaling the (bf16) weights instead would
-        # round them a second time.
-        inputs = (x * scale).to(inputs.dtype)
-        hidden = cpu_kernels.fast_linear(inputs, self.c_fc.weight, self.c_fc.bias, act, algorithm, bias_scale=scale)
-        return torch.add(self.c_proj.bias, cpu_kernels.fast_linear(hidden, self.c_proj.weight), alpha=1 / scale)
+        return super().forward(x.to(self.c_fc.weight.dtype))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -152,11 +139,15 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)
         )
 
-    def train(self, mode: bool = True) -> Transformer:
-        # Reached from any ancestor's train()/eval(): the moment a training loop hands updated weights to a
-        # no-gradient pass, so the packed inference copies must be rebuilt (see cpu_kernels).
-        cpu_kernels.weights_may_have_changed()
-        return super().train(mode)
+    def init_weights(self) -> None:
+        """OpenAI's init: small residual projections so that deep stacks start near identity."""
+        width, layers = self.width, len(self.resblocks)
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, x: torch.Tensor, causal: bool = False, ragged: Ragged | None = None) -> torch.Tensor:
         for block in self.resblocks:
@@ -165,7 +156,3 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal=causal, ragged=ragged)
         return x
-
-
-def activation(quick_gelu: bool) -> type[nn.Module]:
-    return QuickGELU if quick_gelu else nn.GELU

@@ -1,4 +1,4 @@
-"""Image towers: VisionTransformer and ModifiedResNet (with attention pooling)."""
+"""OpenAI's image towers: VisionTransformer and ModifiedResNet (with attention pooling)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from .activations import activation
 from .config import VisionConfig
-from .layers import LayerNorm, Transformer, activation, attention
+from .layers import LayerNorm, Transformer, attention
+from .towers import Group, ImageTower
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ImageTower):
+    """Patches -> class token + positions -> Transformer -> the class token's features, projected."""
+
     def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         width, self.grid = cfg.width, cfg.image_size // cfg.patch_size
-        self.image_size = cfg.image_size
+        self.image_size, self.output_dim = cfg.image_size, output_dim
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -27,11 +30,12 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation(quick_gelu))
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-        _init_transformer(self.transformer, cfg.layers)
+        self.transformer.init_weights()
 
     def forward(self, x: torch.Tensor, return_tokens: bool = False):
         residual_dtype = self.positional_embedding.dtype
-        x = self._embed_patches(x.to(self.conv1.weight.dtype)).to(residual_dtype)  # [B, grid*grid, width]
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, width, grid, grid]
+        x = x.flatten(2).transpose(1, 2).to(residual_dtype)  # [B, grid*grid, width]
         cls = self.class_embedding.to(residual_dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
         x = self.transformer(self.ln_pre(x))
@@ -39,18 +43,16 @@ class VisionTransformer(nn.Module):
         pooled = x[:, 0].to(self.proj.dtype) @ self.proj
         return (pooled, x[:, 1:]) if return_tokens else pooled
 
-    def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv1.weight
-        batch, channels, height, width = x.shape
-        patch = weight.shape[-1]
-        # The convolution drops a remainder of pixels; the matmul below would not, so it leaves those to it.
-        if not cpu_kernels.fast_path(x, weight) or height % patch or width % patch:
-            return self.conv1(x).flatten(2).transpose(1, 2)
-        # A stride-p convolution with p x p kernels is one matmul over the flattened patches; as a packed linear
-        # it is ~5x faster than oneDNN's convolution for this shape (3 input channels, huge kernel).
-        patches = x.reshape(batch, channels, height // patch, patch, width // patch, patch)
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
-        return cpu_kernels.fast_linear(patches, weight)
+    def lock_groups(self) -> list[Group]:
+        """Stem (patches, class token, positions, ln_pre), each block, head (ln_post, proj)."""
+        stem: Group = [self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre]
+        return [stem, *([block] for block in self.transformer.resblocks), [self.ln_post, self.proj]]
+
+    def projections(self) -> list[nn.Parameter]:
+        return [self.proj]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
 
 
 class Bottleneck(nn.Module):
@@ -110,7 +112,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(out.transpose(1, 2).reshape(batch, width))
 
 
-class ModifiedResNet(nn.Module):
+class ModifiedResNet(ImageTower):
     """OpenAI's ResNet: 3-conv stem, avgpool downsampling, attention pooling instead of global pooling."""
 
     def __init__(self, cfg: VisionConfig, output_dim: int):
@@ -120,7 +122,7 @@ class ModifiedResNet(nn.Module):
             raise ValueError(f"a ModifiedResNet needs four stage depths, got {layers}")
         if cfg.image_size % 32:
             raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {cfg.image_size}")
-        self.image_size = cfg.image_size
+        self.image_size, self.output_dim = cfg.image_size, output_dim
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.act1 = nn.ReLU(inplace=True)
@@ -168,29 +170,17 @@ class ModifiedResNet(nn.Module):
         pooled = self.attnpool(x)
         return (pooled, x.flatten(2).transpose(1, 2)) if return_tokens else pooled
 
+    def lock_groups(self) -> list[Group]:
+        """Stem (three convolutions and their norms), each of the four stages, the attention pool."""
+        stem: Group = [self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3]
+        return [stem, [self.layer1], [self.layer2], [self.layer3], [self.layer4], [self.attnpool]]
+
 
 def _prefer_channels_last(x: torch.Tensor) -> bool:
-    """oneDNN's CPU convolutions run 1.35x faster on channels-last (NHWC) activations in bf16 inference and in
+    """oneDNN's CPU convolutions run faster on channels-last (NHWC) activations in bf16 inference and in
     training (fp32 or bf16); fp32 inference at small batches is faster in NCHW. Weights keep their layout:
     the convolution reorders them, which costs little beside the activations."""
     if x.device.type != "cpu":
         return False
     low_precision = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
     return low_precision or torch.is_grad_enabled()
-
-
-def _init_transformer(transformer: Transformer, layers: int) -> None:
-    """OpenAI's init: small residual projections so that deep stacks start near identity."""
-    width = transformer.width
-    proj_std = width**-0.5 * (2 * layers) ** -0.5
-    for block in transformer.resblocks:
-        nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
-        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-
-
-def build_vision_tower(cfg: VisionConfig, output_dim: int, quick_gelu: bool) -> nn.Module:
-    if cfg.is_resnet:
-        return ModifiedResNet(cfg, output_dim)
-    return VisionTransformer(cfg, output_dim, quick_gelu)

@@ -355,7 +355,7 @@ class SearchIndex:
         precision = "fp32" if stored == "fp32" else auto_precision(self.device)
         self.model, self.preprocess, self.tokenizer = load(source, device=self.device, pretrained=pretrained,
                                                            precision=precision, fast_preprocess=fast)
-        width = int(self.model.text_projection.shape[1])
+        width = self.model.embed_dim
         if width != self.store.dim:
             self.model = None
             raise ValueError(f"{source}: embeds to {width} dimensions, the store holds {self.store.dim}")

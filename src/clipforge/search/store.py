@@ -263,13 +263,12 @@ class EmbedReport:
 def model_description(model, preprocess, checkpoint: str | None = None, pretrained: str | None = None) -> dict:
     """What the manifest records about the model: enough to reload it (`checkpoint`, `pretrained`) and to
     tell whether a resumed run uses the same one (architecture, precision, preprocessing)."""
-    cfg = getattr(model, "preprocess_config", None)
     if checkpoint is not None and pretrained is None and os.path.exists(checkpoint):
         checkpoint = str(Path(checkpoint).resolve())
     return {
         "model": {"checkpoint": checkpoint, "pretrained": pretrained, "config": model.config.to_dict(),
-                  "precision": model.precision, "embed_dim": int(model.text_projection.shape[1])},
-        "preprocess": {**(cfg.to_dict() if cfg is not None else {}),
+                  "precision": model.precision, "embed_dim": model.embed_dim},
+        "preprocess": {**model.preprocess_config.to_dict(),
                        "fast_jpeg_draft": getattr(preprocess, "draft_size", None) is not None},
     }
 
@@ -479,8 +478,7 @@ def _embed_part(output: Path, k: int, items: list[SourceItem], first: int, listi
 
 def _caption_embeddings(items: list[SourceItem], model, tokenizer, settings: EmbedSettings) -> np.ndarray:
     """Caption embeddings aligned with the rows; a row without a caption gets a zero vector (scores 0)."""
-    width = int(model.text_projection.shape[1])
-    out = np.zeros((len(items), width), dtype=np.float32)
+    out = np.zeros((len(items), model.embed_dim), dtype=np.float32)
     rows = [i for i, item in enumerate(items) if item.caption is not None]
     if rows:
         texts = [items[i].caption for i in rows]

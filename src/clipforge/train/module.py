@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..data.loading import BadItemCounter
-from ..model import CLIP, cpu_kernels
+from ..model import CLIP
 from .config import LossConfig, ModelConfig, OptimConfig
 from .loss import build_loss
 
@@ -62,21 +62,6 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _vision_groups(model: CLIP) -> list[list[nn.Module | nn.Parameter]]:
-    """The image tower's parameters in order, grouped: stem, each block, head."""
-    visual = model.visual
-    if hasattr(visual, "transformer"):  # ViT
-        stem = [visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre]
-        return [stem, *([block] for block in visual.transformer.resblocks), [visual.ln_post, visual.proj]]
-    stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
-    return [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
-
-
-def _text_groups(model: CLIP) -> list[list[nn.Module | nn.Parameter]]:
-    stem = [model.token_embedding, model.positional_embedding]
-    return [stem, *([block] for block in model.transformer.resblocks), [model.ln_final, model.text_projection]]
-
-
 def _set_trainable(groups: list[list[nn.Module | nn.Parameter]], unlocked: int) -> list[nn.Module]:
     """Freeze all groups but the last `unlocked`; return the frozen modules (to keep them in eval mode)."""
     frozen_modules = []
@@ -96,11 +81,11 @@ def lock_towers(model: CLIP, cfg: ModelConfig) -> list[nn.Module]:
     (frozen BatchNorm statistics, for LiT with a ResNet image tower)."""
     frozen: list[nn.Module] = []
     if cfg.lock_image:
-        modules = _set_trainable(_vision_groups(model), cfg.lock_image_unlocked_groups)
+        modules = _set_trainable(model.visual.lock_groups(), cfg.lock_image_unlocked_groups)
         if cfg.lock_image_freeze_bn_stats:
             frozen += modules
     if cfg.lock_text:
-        _set_trainable(_text_groups(model), cfg.lock_text_unlocked_layers)
+        _set_trainable(model.text.lock_groups(), cfg.lock_text_unlocked_layers)
     return frozen
 
 
@@ -128,8 +113,7 @@ class CLIPTrainingModule(L.LightningModule):
         model_cfg = model_cfg or ModelConfig()
         self._frozen_modules = lock_towers(model, model_cfg)
         self._image_trainable = any(p.requires_grad for p in model.visual.parameters())
-        self._text_trainable = any(p.requires_grad for n, p in model.named_parameters()
-                                   if not n.startswith("visual.") and n != "logit_scale")
+        self._text_trainable = any(p.requires_grad for p in model.text.parameters())
         if model_cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.bad_items = BadItemCounter(max_fraction=max_bad_fraction)
@@ -302,7 +286,7 @@ class CLIPTrainingModule(L.LightningModule):
         if len(images) % accum_freq:
             raise ValueError(f"batch of {len(images)} does not split into accum_freq={accum_freq} micro-batches")
         image_chunks, text_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
-        with torch.no_grad(), cpu_kernels.plain_ops():  # the same ops as the gradient passes below
+        with torch.no_grad():  # training mode: the same plain ops as the gradient passes below
             cached = [self.encode(i, t) for i, t in zip(image_chunks, text_chunks, strict=True)]
         loss = torch.zeros(())
         for j in range(accum_freq):
@@ -359,9 +343,9 @@ class WeightAverage:
         self.average = [t.detach().float().clone() for t in live.values()]
 
     def _live(self) -> dict[str, torch.Tensor]:
-        """Looked up each time: moving the model to a device replaces its buffers (and the average follows)."""
-        items = list(self.model.named_parameters()) + list(self.model.named_buffers())
-        return {name: t for name, t in items if t.is_floating_point()}
+        """The model's floating-point tensors by their state-dict names (a checkpoint's average keeps the names
+        of the model's layout). Looked up each time: moving the model to a device replaces its buffers."""
+        return {name: t for name, t in self.model.state_dict(keep_vars=True).items() if t.is_floating_point()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:

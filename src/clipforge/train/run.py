@@ -50,13 +50,13 @@ from ..data.loading import (
     pairs_from_table,
     trim_padding,
 )
-from ..model import CLIP, cpu_has_native_bf16, get_model_config
+from ..model import CLIP, PreprocessConfig, get_model_config, lightning_precision
 from ..tokenizer import Tokenizer
-from ..transforms import PreprocessConfig, image_transform
+from ..transforms import image_transform
 from .config import DataConfig, ModelConfig, TrainConfig, save_config
 from .module import CLIPTrainingModule
 
-__all__ = ["build_model", "resolve_precision", "train"]
+__all__ = ["build_model", "train"]
 
 LATEST = "last.ckpt"
 
@@ -79,7 +79,7 @@ def build_model(cfg: ModelConfig) -> tuple[CLIP, PreprocessConfig, Tokenizer]:
         if value is not None:
             setattr(section, key, value)
     model = CLIP(arch)
-    return model, PreprocessConfig(image_size=arch.vision.image_size), Tokenizer(arch.text.context_length)
+    return model, model.preprocess_config, Tokenizer.from_config(model.tokenizer_config())
 
 
 def _load_init(cfg: ModelConfig) -> tuple[CLIP, PreprocessConfig, Tokenizer]:
@@ -97,17 +97,6 @@ def _load_init(cfg: ModelConfig) -> tuple[CLIP, PreprocessConfig, Tokenizer]:
     return model.train(), model.preprocess_config, tokenizer
 
 
-def resolve_precision(precision: str, accelerator: str = "auto") -> str:
-    """Lightning precision for `auto`: bf16-mixed on GPUs with bf16 and on CPUs with native bf16, else 32-true."""
-    if precision != "auto":
-        if precision.startswith("16") and not _uses_gpu(accelerator):
-            raise ValueError(f"precision {precision!r} needs a GPU; on CPU use bf16-mixed or 32-true")
-        return precision
-    if _uses_gpu(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
 def resolve_threads(threads: int | str | None) -> int | None:
     """CPU threads for torch. `auto`: every core on an idle machine, one when the load average says the cores
     are taken (measured: a 2-thread step ran 3x slower than a 1-thread one on a 2-core machine with load 14,
@@ -119,10 +108,6 @@ def resolve_threads(threads: int | str | None) -> int | None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cores / 2
     return 1 if busy else cores
-
-
-def _uses_gpu(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -431,7 +416,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                          "temperature parameter (logit_scale); use --strategy ddp (see docs/training.md)")
     output = Path(cfg.run.output)
     ckpt_path = resolve_resume(resume, output)
-    precision = resolve_precision(cfg.run.precision, cfg.run.accelerator)
+    precision = lightning_precision(cfg.run.precision, cfg.run.accelerator)
     threads = resolve_threads(cfg.run.threads)
     if threads:
         torch.set_num_threads(threads)

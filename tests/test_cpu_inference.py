@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import clipforge
-from clipforge.model import CLIPConfig, TextConfig, VisionConfig, cpu_kernels, create_model, layers
+from clipforge.model import CLIPConfig, TextConfig, VisionConfig, cpu_inference, create_model, layers
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels._kernels_available(torch.float32),
+needs_kernels = pytest.mark.skipif(not cpu_inference._kernels_available(torch.float32),
                                    reason="oneDNN linear kernels unavailable in this torch build")
-needs_bf16_kernels = pytest.mark.skipif(not cpu_kernels._kernels_available(torch.bfloat16),
+needs_bf16_kernels = pytest.mark.skipif(not cpu_inference._kernels_available(torch.bfloat16),
                                         reason="no native bf16 on this CPU: the bf16 kernels stay off")
 
 
@@ -31,13 +31,13 @@ def inputs(model):
 @pytest.fixture
 def count_fast_calls(monkeypatch):
     calls = []
-    real = cpu_kernels.fast_linear
+    real = cpu_inference.fast_linear
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernels, "fast_linear", counting)
+    monkeypatch.setattr(cpu_inference, "fast_linear", counting)
     return calls
 
 
@@ -47,8 +47,32 @@ def encode_both(model, images, ids):
 
 def plain_outputs(model, images, ids, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(cpu_kernels, "_kernels_available", lambda dtype: False)
+        patch.setattr(cpu_inference, "_kernels_available", lambda dtype: False)
         return encode_both(model, images, ids)
+
+
+def test_eval_mode_swaps_in_the_packed_layers_and_train_mode_puts_the_plain_ones_back():
+    model = create_model(vit_config())
+    plain_types = {name: type(m) for name, m in model.named_modules()}
+    keys = list(model.state_dict())
+    model.eval()
+    block = model.visual.transformer.resblocks[0]
+    assert type(block.attn) is cpu_inference.PackedAttention and type(block.mlp) is cpu_inference.PackedMLP
+    assert type(model.text.transformer.resblocks[1].mlp) is cpu_inference.PackedMLP
+    assert type(model.visual.conv1) is cpu_inference.PackedPatchEmbedding
+    assert list(model.state_dict()) == keys  # same parameters, same names
+    model.train()
+    assert {name: type(m) for name, m in model.named_modules()} == plain_types
+
+
+@needs_kernels
+def test_training_mode_never_takes_the_packed_path(count_fast_calls):
+    torch.manual_seed(0)
+    model = create_model(vit_config()).eval().train()
+    images, ids = inputs(model)
+    with torch.no_grad():  # no gradient, yet training: the plain layers compute it (as the training step will)
+        encode_both(model, images, ids)
+    assert not count_fast_calls
 
 
 @needs_kernels

@@ -1,33 +1,24 @@
 """clipforge's own format: a folder holding `model.safetensors` and `config.json`.
 
 config.json is `{"model": CLIPConfig, "preprocess": PreprocessConfig, "tokenizer": {...}, "provenance": {...}}`,
-so that a saved model loads offline with the right preprocessing, always.
+so that a saved model loads offline with the right preprocessing, always. The same writer makes HF transformers
+folders (`config.json` + `model.safetensors` in their layout).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from ..util import atomic_write, atomic_write_bytes
+
 FORMAT_VERSION = 1
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = ["FORMAT_VERSION", "save_folder", "save_torch", "write_weights_folder"]
 
 
 def save_folder(
@@ -47,15 +38,14 @@ def save_folder(
 def write_weights_folder(directory: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """`model.safetensors` + `config.json` in `directory` (ours or an HF transformers folder), atomically."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    # safetensors writes to a file name only, so the temporary file is written by name.
+    atomic_write(directory / "model.safetensors",
+                 lambda handle: save_file(tensors, handle.name, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return directory
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-    return path
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path`, atomically (readable with `torch.load(weights_only=True)` for tensors)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
