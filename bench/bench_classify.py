@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 import _results
 from _openclip import DATA, import_open_clip
 from clipforge import create_model
-from clipforge.eval.zeroshot import classify, load_templates, zero_shot_classifier
 from clipforge.model import auto_precision
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import PreprocessConfig, image_transform
+from clipforge.zeroshot import classify, load_templates, zero_shot_classifier
 
 DEFAULT_IMAGES = 1000
 TEMPLATES = "simple"  # the CLI's default

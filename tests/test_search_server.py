@@ -24,10 +24,10 @@ from PIL import Image
 
 import clipforge
 from clipforge.data.synthetic import make_scenes
-from clipforge.eval.zeroshot import classify, load_templates, zero_shot_classifier
 from clipforge.search.index import SearchIndex, build_index
 from clipforge.search.server import Limits, _QueryBatcher, create_app
 from clipforge.search.store import EmbedSettings, embed_collection
+from clipforge.zeroshot import classify, load_templates, zero_shot_classifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LIMITS = Limits(max_upload_bytes=100_000, max_pixels=1_000_000, max_k=20, max_query_chars=100, max_classes=10)

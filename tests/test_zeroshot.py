@@ -15,7 +15,9 @@ from PIL import Image
 from torch import nn
 
 from clipforge.cli import classify as classify_cli
-from clipforge.eval.zeroshot import (
+from clipforge.model import create_model
+from clipforge.tokenizer import Tokenizer
+from clipforge.zeroshot import (
     class_probabilities,
     classify,
     fill_templates,
@@ -25,8 +27,6 @@ from clipforge.eval.zeroshot import (
     read_classnames,
     zero_shot_classifier,
 )
-from clipforge.model import create_model
-from clipforge.tokenizer import Tokenizer
 from tests.trained_tiny import TARGET_ACCURACY
 
 # ------------------------------------------------------------------------------------------ templates

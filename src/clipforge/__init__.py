@@ -22,7 +22,7 @@ _EXPORTS = {
     "ImageEmbeddings": "embed", "embed_images": "embed", "embed_texts": "embed",
     "Tokenizer": "tokenizer", "tokenize": "tokenizer",
     "PreprocessConfig": "transforms", "image_transform": "transforms",
-    "zero_shot_classifier": "eval.zeroshot", "classify": "eval.zeroshot", "export_onnx": "export",
+    "zero_shot_classifier": "zeroshot", "classify": "zeroshot", "export_onnx": "export",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -28,7 +28,7 @@ DEFAULT_TEMPLATES = "simple"
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ..eval.zeroshot import classify, load_templates, zero_shot_classifier
+    from ..zeroshot import classify, load_templates, zero_shot_classifier
 
     classnames = _classnames(args)
     _check_numbers(args)
@@ -51,7 +51,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _classnames(args: argparse.Namespace) -> list[str]:
-    from ..eval.zeroshot import parse_classnames, read_classnames
+    from ..zeroshot import parse_classnames, read_classnames
 
     if args.classes_file:
         return read_classnames(args.classes_file)  # a bad file is a ValueError naming it and the line

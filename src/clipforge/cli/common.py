@@ -47,7 +47,7 @@ def check_batch_and_workers(args: argparse.Namespace) -> None:
 
 def template_source(value: str) -> str | Path:
     """`--templates`: a shipped template set's name, or the path of an existing template file."""
-    from ..eval.zeroshot import TEMPLATE_SETS
+    from ..zeroshot import TEMPLATE_SETS
 
     if value in TEMPLATE_SETS:
         return value

@@ -151,7 +151,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _classnames(args: argparse.Namespace) -> list[str] | None:
-    from ..eval.zeroshot import parse_classnames, read_classnames
+    from ..zeroshot import parse_classnames, read_classnames
 
     if args.classes_file:
         return read_classnames(args.classes_file)  # a bad file is a ValueError naming it and the line

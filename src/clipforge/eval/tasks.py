@@ -344,8 +344,8 @@ def evaluate_zeroshot(
     ``classify`` shows ranks the same, but can saturate into ties in fp32).
     """
     started = time.perf_counter()
+    from ..zeroshot import load_templates, zero_shot_classifier
     from .classification import classification_metrics
-    from .zeroshot import load_templates, zero_shot_classifier
 
     rows = read_label_rows(data, image_col, label_col, split, image_root)
     if dataset_name:
@@ -601,7 +601,7 @@ def _check_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _suite_classes(task: dict[str, Any], base: Path) -> list[str] | None:
-    from .zeroshot import parse_classnames, read_classnames
+    from ..zeroshot import parse_classnames, read_classnames
 
     if task.get("classes_file"):
         return read_classnames(_resolve(base, task["classes_file"]))

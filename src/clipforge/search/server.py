@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -240,7 +241,7 @@ class _State:
             return self.index.embed_image(image)
 
     def _classifier(self, classnames: tuple[str, ...]):
-        from ..eval.zeroshot import load_templates, zero_shot_classifier
+        from ..zeroshot import load_templates, zero_shot_classifier
 
         with self.model_lock:
             return zero_shot_classifier(self.index.model, self.index.tokenizer, list(classnames),
@@ -398,21 +399,17 @@ def _add_embed_routes(app: FastAPI, state: _State) -> None:
 
 
 def _classify(state: _State, image: Image.Image, names: tuple[str, ...], top_k: int) -> dict[str, Any]:
-    from ..eval.zeroshot import class_probabilities
+    from ..zeroshot import class_probabilities, top_classes
 
     classifier = state.classifier(names)
-    vectors = state.embed_image(image)
-    import torch
-
-    probs = class_probabilities(torch.from_numpy(vectors), classifier,
-                                state.index.model.logit_scale.detach().float().cpu())[0]
-    best, order = probs.topk(min(top_k, len(names)))
-    return {"predictions": [{"label": names[i], "prob": float(p)} for p, i in zip(best, order.tolist(),
-                                                                                    strict=True)]}
+    vectors = torch.from_numpy(state.embed_image(image))
+    probs = class_probabilities(vectors, classifier, state.index.model.logit_scale.detach().float().cpu())
+    labels, values = top_classes(probs, names, top_k)[0]
+    return {"predictions": [{"label": label, "prob": prob} for label, prob in zip(labels, values, strict=True)]}
 
 
 def _classnames(text: str, limits: Limits) -> tuple[str, ...]:
-    from ..eval.zeroshot import parse_classnames
+    from ..zeroshot import parse_classnames
 
     try:
         names = parse_classnames(text, source="classes")

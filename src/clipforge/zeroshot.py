@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..embed import ImageItem, embed_images, embed_texts
+from .embed import ImageItem, embed_images, embed_texts
 
 # Named template sets -> file under configs/prompts/.
 TEMPLATE_SETS = {"openai": "openai_imagenet.txt", "simple": "simple.txt", "seeds": "seeds.txt"}
@@ -184,15 +184,27 @@ def classify(
     ``failures``, not raised. `classifier` comes from `zero_shot_classifier` (``[E, C]``); `top_k` is
     capped at the number of classes."""
     _check_classifier(classifier, classnames, model)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    _check_top_k(top_k)
     embedded = embed_images(model, images, preprocess, batch_size=batch_size, num_workers=num_workers,
                             normalize=True, progress=progress, desc="classifying images")
     probs = class_probabilities(embedded.embeddings, classifier, model.logit_scale.detach().float().cpu())
-    best, order = probs.topk(min(top_k, len(classnames)), dim=-1)
-    predictions = [Prediction(index, [classnames[c] for c in row], values)
-                   for index, row, values in zip(embedded.indices, order.tolist(), best.tolist(), strict=True)]
+    predictions = [Prediction(index, labels, values)
+                   for index, (labels, values) in zip(embedded.indices, top_classes(probs, classnames, top_k),
+                                                      strict=True)]
     return ClassifyResult(predictions, probs, embedded.failures)
+
+
+def top_classes(probs: torch.Tensor, classnames: Sequence[str], top_k: int) -> list[tuple[list[str], list[float]]]:
+    """For each row of `probs` (``[N, C]``, as `class_probabilities` gives), the `top_k` class names (capped at the
+    number of classes) with their probabilities, best first."""
+    _check_top_k(top_k)
+    best, order = probs.topk(min(top_k, len(classnames)), dim=-1)
+    return [([classnames[c] for c in row], values) for row, values in zip(order.tolist(), best.tolist(), strict=True)]
+
+
+def _check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
 
 
 def _check_classifier(classifier: torch.Tensor, classnames: Sequence[str], model) -> None:
@@ -203,4 +215,5 @@ def _check_classifier(classifier: torch.Tensor, classnames: Sequence[str], model
 
 
 __all__ = ["TEMPLATE_SETS", "ClassifyResult", "Prediction", "class_probabilities", "classify", "fill_templates",
-           "load_templates", "parse_classnames", "parse_templates", "read_classnames", "zero_shot_classifier"]
+           "load_templates", "parse_classnames", "parse_templates", "read_classnames", "top_classes",
+           "zero_shot_classifier"]
