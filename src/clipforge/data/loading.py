@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..transforms import ImageDecodeError, load_image
+from ..images import ImageDecodeError, load_image
+from .sources import group_by_image, read_caption_table, read_labelled_images
 
 __all__ = [
     "BadItemCounter",
@@ -73,25 +74,14 @@ def detect_kind(spec: str) -> str:
 def pairs_from_table(path: str | Path, image_col: str = "image_path", caption_col: str = "caption") -> Pairs:
     """Captions grouped by image from a CSV/TSV/Parquet table (one row per caption; paths relative to the table's
     folder or absolute). Missing image files are not an error here: training counts them as bad items."""
-    from .sources import read_caption_table
-
     table = read_caption_table(path, image_col, caption_col, check_files=False)
-    order: dict[str, int] = {}
-    captions: list[list[str]] = []
-    for image, caption in zip(table.image_paths, table.captions, strict=True):
-        key = str(image)
-        if key not in order:
-            order[key] = len(captions)
-            captions.append([])
-        captions[order[key]].append(caption)
-    return Pairs(list(order), captions, str(path))
+    images, captions = group_by_image([str(image) for image in table.image_paths], table.captions)
+    return Pairs(images, captions, str(path))
 
 
 def pairs_from_folder(path: str | Path, templates: Sequence[str]) -> Pairs:
     """Labelled images (an ImageFolder tree or a labels table); each image's captions are the templates filled
     with its class name (underscores read as spaces)."""
-    from .sources import read_labelled_images
-
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"caption templates must each contain '{{}}' for the class name, got {list(templates)}")
     labelled = read_labelled_images(path, check_files=False)

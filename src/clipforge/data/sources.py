@@ -6,6 +6,7 @@ Inputs are validated where they enter: every problem is one ``ValueError`` line 
 - ``read_caption_table``: CSV, TSV or Parquet with an image-path column and a caption column.
 - ``read_labelled_images``: a labels table (image path, label) or an ImageFolder tree (``root/<class>/...``).
 - ``find_images``: files and folders (recursive) -> the image files among them, sorted.
+- ``group_by_image``: a table's rows (one caption each) -> each distinct image with all its captions.
 
 Images are recognised by their first bytes (magic numbers of the formats Pillow decodes here), never by
 their extension: ``photo.txt`` holding PNG data is an image, ``notes.jpg`` holding text is not. Hidden files
@@ -18,11 +19,15 @@ import csv
 import difflib
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["CaptionTable", "LabelledImages", "find_images", "read_caption_table", "read_labelled_images"]
+__all__ = ["CaptionTable", "LabelledImages", "find_images", "group_by_image", "read_caption_table",
+           "read_labelled_images"]
+
+Image = TypeVar("Image", bound=Hashable)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _TAB_SUFFIXES = (".tsv", ".tab")
@@ -79,6 +84,19 @@ class LabelledImages:
 
 
 # ------------------------------------------------------------------------------------------- tables
+
+
+def group_by_image(images: Sequence[Image], captions: Sequence[str]) -> tuple[list[Image], list[list[str]]]:
+    """Rows of (image, caption) -> the distinct images in order of first appearance, and each one's captions in
+    row order. A caption table has one row per caption; training, evaluation and embedding take images."""
+    order: dict[Image, int] = {}
+    grouped: list[list[str]] = []
+    for image, caption in zip(images, captions, strict=True):
+        if image not in order:
+            order[image] = len(grouped)
+            grouped.append([])
+        grouped[order[image]].append(caption)
+    return list(order), grouped
 
 
 def read_caption_table(path: str | Path, image_col: str = "image_path", caption_col: str = "caption", *,
