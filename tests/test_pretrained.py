@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save
 
 import clipforge
-from clipforge.checkpoints import CheckpointError
+from clipforge.checkpoints import CheckpointError, registry
 from clipforge.checkpoints import pretrained as pt
 from clipforge.model import create_model, get_model_config
 
@@ -199,8 +199,8 @@ def _entry(**overrides) -> pt.PretrainedEntry:
 
 def _register(monkeypatch, *entries: pt.PretrainedEntry) -> None:
     """Add entries to the registry for this test only."""
-    registry = pt._registry() + entries
-    monkeypatch.setattr(pt, "_registry", lambda: registry)
+    extended = registry.all_entries() + entries
+    monkeypatch.setattr(registry, "all_entries", lambda: extended)
 
 
 def _url_entry(data: bytes, name: str = "blob.pt", **overrides) -> pt.PretrainedEntry:
@@ -250,7 +250,7 @@ def _same_model(loaded, source) -> None:
 # -------------------------------------------------------------------------------------------- registry
 
 def test_registry_has_openai_and_laion_weights_with_real_urls():
-    entries = {(e.arch, e.tag): pt.get_pretrained(e.arch, e.tag) for e in pt._registry()}
+    entries = {(e.arch, e.tag): pt.get_pretrained(e.arch, e.tag) for e in registry.all_entries()}
     assert clipforge.list_pretrained() == list(entries)
     openai = {arch: e for (arch, tag), e in entries.items() if tag == "openai"}
     assert set(openai) == set(OPENAI_RELEASES)
@@ -286,6 +286,16 @@ def test_get_pretrained_rejects_unknown_names_with_choices():
         pt.get_pretrained("ViT-Q-99", "openai")
     with pytest.raises(ValueError, match="trained with GELU, not QuickGELU"):
         pt.get_pretrained("ViT-B-32-quickgelu", "laion2b_s34b_b79k")
+
+
+def test_get_pretrained_activation_suffix_must_match_the_training():
+    """`-gelu` on QuickGELU weights is refused as `-quickgelu` on GELU weights is; a matching suffix is accepted."""
+    with pytest.raises(ValueError, match=r"RN50:openai was trained with QuickGELU, not GELU: use 'RN50' without -gelu"):
+        pt.get_pretrained("RN50-gelu", "openai")
+    with pytest.raises(ValueError, match="trained with QuickGELU, not GELU"):
+        pt.get_pretrained("ViT-B/32-GELU", "openai")
+    assert pt.get_pretrained("ViT-B-32-gelu", "laion2b_s34b_b79k").quick_gelu is False
+    assert pt.get_pretrained("ViT-B/32-QuickGELU", "openai").quick_gelu is True
 
 
 def test_default_cache_follows_xdg(monkeypatch, tmp_path):

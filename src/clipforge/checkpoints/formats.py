@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file as load_safetensors
 
+from ..util import one_line
+from . import hf
 from .torchscript import RefusedGlobalError, is_torchscript_archive, read_torchscript_tensors
 
 # Tensors that some archives carry beside the weights and that the model does not need.
@@ -51,9 +53,8 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     except RefusedGlobalError as err:
         raise CheckpointError(str(err)) from None
     except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile, KeyError, pickle.UnpicklingError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: could not read the checkpoint (corrupt, truncated or not a "
-                              f"checkpoint): {detail}") from err
+                              f"checkpoint): {one_line(err)}") from err
 
 
 def _read_folder(path: Path) -> RawCheckpoint:
@@ -73,8 +74,6 @@ def _read_folder(path: Path) -> RawCheckpoint:
     if "model" in config and "preprocess" in config:
         return RawCheckpoint(_strict_state_dict(_load_tensors(weights), weights), "clipforge", weights, config=config)
     if config.get("model_type") == "clip" or "text_config" in config:
-        from . import hf
-
         cfg = hf.hf_config_to_clip_config(config)
         sd = hf.hf_state_dict_to_openai(_load_tensors(weights), cfg)
         return RawCheckpoint(sd, "hf", weights, quick_gelu=cfg.quick_gelu, extras={"clip_config": cfg})

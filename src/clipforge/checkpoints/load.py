@@ -15,6 +15,7 @@ from . import hf
 from .folder import save_folder, save_torch, write_weights_folder
 from .formats import CheckpointError, RawCheckpoint, read_checkpoint
 from .infer import infer_config
+from .pretrained import download_pretrained, get_pretrained, hf_hub_hints, list_pretrained, resolve_hf_hub
 
 
 def load(
@@ -130,15 +131,11 @@ def checkpoint_configs(raw: RawCheckpoint, arch: str | None = None,
 def _resolve_source(source: str | Path, pretrained: str | None) -> tuple[Path, dict[str, Any]]:
     """A local path for `source`, and what a registry entry says about it (arch, activation, preprocessing)."""
     if pretrained is not None:
-        from .pretrained import download_pretrained, get_pretrained
-
         entry = get_pretrained(str(source), pretrained)
         return Path(download_pretrained(entry)), {"arch": entry.arch, "quick_gelu": entry.quick_gelu,
                                                   "preprocess": entry.preprocess}
     text = str(source)
     if text.startswith("hf-hub:"):
-        from .pretrained import hf_hub_hints, resolve_hf_hub
-
         path = Path(resolve_hf_hub(text))
         return path, hf_hub_hints(path)
     path = Path(text).expanduser()
@@ -146,8 +143,6 @@ def _resolve_source(source: str | Path, pretrained: str | None) -> tuple[Path, d
         return path, {}
     base, _ = split_activation(text)
     if base in list_models():
-        from .pretrained import list_pretrained
-
         tags = [tag for name, tag in list_pretrained() if split_activation(name)[0] == base]
         hint = f"pass pretrained= one of {tags}" if tags else "no pretrained weights are registered for it"
         raise CheckpointError(f"{text!r} is an architecture, not weights: {hint}, or use "
