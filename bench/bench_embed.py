@@ -34,7 +34,8 @@ import _results
 import clipforge
 from _openclip import DATA, import_open_clip
 from clipforge.model import auto_precision, cpu_has_native_bf16
-from clipforge.search.store import EmbeddingStore, EmbedSettings, embed_collection
+from clipforge.search.store import EmbeddingStore
+from clipforge.search.writer import EmbedSettings, embed_collection
 
 
 class _Photos(Dataset):

@@ -32,7 +32,7 @@ import _results
 import clipforge
 from clipforge.data.synthetic import COLOURS, SHAPES, make_scenes
 from clipforge.search.index import build_index
-from clipforge.search.store import EmbedSettings, embed_collection
+from clipforge.search.writer import EmbedSettings, embed_collection
 
 # Registers the search subcommands when the installed CLI does not list them yet, then runs it.
 _LAUNCH = ("import sys, clipforge.cli as cli; from clipforge.cli import search; "

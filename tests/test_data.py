@@ -20,6 +20,8 @@ from clipforge.data import (
     write_caption_dataset,
     write_labelled_dataset,
 )
+from clipforge.data.shards import IMAGE_EXTENSIONS, is_shard_spec, sample_image, split_member_name
+from clipforge.data.sources import group_by_image, source_kind
 from clipforge.data.synthetic import BACKGROUNDS, COLOURS, SHAPES
 from tests.trained_tiny import TARGET_ACCURACY, trained_tiny_model, zero_shot_scores
 
@@ -254,6 +256,47 @@ def test_find_images(tmp_path):
         find_images([tmp_path / "missing"])
     with pytest.raises(ValueError, match=r"no images found in .*t\.txt"):
         find_images(text)
+
+
+# ------------------------------------------------------------------------------------------- source kinds
+
+
+def test_source_kind_names_folders_tables_and_shards(tmp_path):
+    (tmp_path / "photos").mkdir()
+    _write(tmp_path / "t.csv", "image_path,caption\n")
+    _write(tmp_path / "notes.txt", "x")
+    _write(tmp_path / "a{b}.csv", "image_path,caption\n")  # an existing file is judged by its name alone
+    _write(tmp_path / "s.TAR", b"")
+    assert source_kind(tmp_path / "photos") == "folder" and source_kind(tmp_path / "t.csv") == "table"
+    assert source_kind(tmp_path / "a{b}.csv") == "table" and source_kind(tmp_path / "s.TAR") == "wds"
+    for spec in ("shards-{000..009}.tar", "https://host/s-000.tar?token=1", "a.tar::b.tar", "missing.tar"):
+        assert is_shard_spec(spec) and source_kind(spec) == "wds", spec
+    assert source_kind(tmp_path / "notes.txt") == "table"  # its reader says what is wrong with it
+    assert source_kind(tmp_path / "t.csv", tables=(".csv",)) == "table"
+    with pytest.raises(ValueError, match=r"notes\.txt: not a folder, a caption table \(\.csv, \.tsv\) or a \.tar"):
+        source_kind(tmp_path / "notes.txt", tables=(".csv", ".tsv"))
+
+
+def test_training_detects_kinds_with_source_kind():
+    from clipforge.data.loading import detect_kind
+
+    assert detect_kind is source_kind
+
+
+def test_shard_members_split_like_webdataset_and_samples_find_their_image():
+    assert split_member_name("000123.jpg") == ("000123", "jpg")
+    assert split_member_name("part/000123.Seg.PNG") == ("part/000123", "seg.png")
+    assert split_member_name("a.b/000123.TIFF") == ("a.b/000123", "tiff")
+    assert split_member_name("part/README") is None and split_member_name("part/.hidden.jpg") is None
+    assert {"jpg", "png", "webp", "gif", "tif", "tiff"} <= set(IMAGE_EXTENSIONS)
+    assert sample_image({"__key__": "k", "txt": b"c", "gif": b"GIF89a"}) == b"GIF89a"
+    assert sample_image({"png": b"p", "jpg": b"j"}) == b"j"  # the first of IMAGE_EXTENSIONS wins
+    assert sample_image({"txt": b"c"}) is None
+
+
+def test_group_by_image_groups_any_per_row_value():
+    assert group_by_image(["a", "b", "a"], ["x", "y", "z"]) == (["a", "b"], [["x", "z"], ["y"]])
+    assert group_by_image(["a", "b", "a"], range(3)) == (["a", "b"], [[0, 2], [1]])
 
 
 # ------------------------------------------------------------------------------------------- tiny model

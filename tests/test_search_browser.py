@@ -16,7 +16,7 @@ import clipforge
 from clipforge.data.synthetic import make_scenes
 from clipforge.search.index import SearchIndex, build_index
 from clipforge.search.server import create_app
-from clipforge.search.store import EmbedSettings, embed_collection
+from clipforge.search.writer import EmbedSettings, embed_collection
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -24,7 +24,7 @@ from clipforge.search.index import (
     parse_size,
     plan_index,
 )
-from clipforge.search.store import EmbedSettings, embed_collection
+from clipforge.search.writer import EmbedSettings, embed_collection
 
 
 def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

@@ -25,8 +25,9 @@ from PIL import Image
 import clipforge
 from clipforge.data.synthetic import make_scenes
 from clipforge.search.index import SearchIndex, build_index
-from clipforge.search.server import Limits, _QueryBatcher, create_app
-from clipforge.search.store import EmbedSettings, embed_collection
+from clipforge.search.server import create_app
+from clipforge.search.service import Limits, QueryBatcher
+from clipforge.search.writer import EmbedSettings, embed_collection
 from clipforge.zeroshot import classify, load_templates, zero_shot_classifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -197,7 +198,7 @@ def test_concurrent_queries_share_forward_passes_and_get_their_own_rows():
         time.sleep(0.05)  # a slow model: the other queries queue meanwhile
         return np.array([[float(t.split()[-1])] for t in texts])
 
-    batcher = _QueryBatcher(embed, threading.Lock(), max_batch=4)
+    batcher = QueryBatcher(embed, threading.Lock(), max_batch=4)
     with ThreadPoolExecutor(10) as pool:
         rows = list(pool.map(lambda i: batcher.embed(f"query {i}"), range(10)))
     assert [float(r[0]) for r in rows] == list(range(10))
@@ -208,7 +209,7 @@ def test_concurrent_queries_share_forward_passes_and_get_their_own_rows():
         raise RuntimeError("model failed")
 
     with pytest.raises(RuntimeError, match="model failed"):
-        _QueryBatcher(broken, threading.Lock()).embed("x")
+        QueryBatcher(broken, threading.Lock()).embed("x")
 
 
 def test_failures_answer_500_without_details(client, index, monkeypatch):

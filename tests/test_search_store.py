@@ -23,15 +23,9 @@ import clipforge
 from clipforge.cli import search as search_cli
 from clipforge.data.synthetic import make_scenes, write_caption_dataset
 from clipforge.embed import embed_images, embed_texts
-from clipforge.search.store import (
-    EmbeddingStore,
-    EmbedSettings,
-    embed_collection,
-    expand_braces,
-    list_source,
-    read_manifest,
-    read_span,
-)
+from clipforge.search.listing import expand_braces, list_source, read_span
+from clipforge.search.store import EmbeddingStore, read_manifest
+from clipforge.search.writer import EmbedSettings, embed_collection
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -216,20 +210,30 @@ def test_uncommitted_part_files_are_rewritten_on_resume(table, nano, full_store,
     assert _store_files(tmp_path / "s") == _store_files(full_store[0])
 
 
+def test_resume_removes_the_temporary_files_a_killed_run_left(table, nano, full_store, tmp_path):
+    shutil.copytree(full_store[0], tmp_path / "s")
+    # Named as `clipforge.util.atomic_write` names them: a killed run can leave one beside any file it was replacing.
+    for stray in (".manifest.json.k3j4h5g6.tmp", ".manifest.rank-00001.json.0a1b2c3d.tmp",
+                  "img_emb/.part-00001.npy.x_y9z8w7.tmp", "metadata/.part-00000.parquet.abcdefgh.tmp"):
+        (tmp_path / "s" / stray).write_bytes(b"torn")
+    assert _embed([table], tmp_path / "s", nano).parts_written == 0
+    assert _store_files(tmp_path / "s") == _store_files(full_store[0])
+
+
 _RUNNER = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(1)
     import clipforge.cli as cli
     from clipforge.cli import search
-    from clipforge.search import store
+    from clipforge.search import writer
     if sys.argv[1] == "slow":  # pause after writing each part's files, before the manifest commits it
-        original = store._embed_part
+        original = writer._embed_part
         def slow(*args, **kwargs):
             entry = original(*args, **kwargs)
             time.sleep(0.4)
             return entry
-        store._embed_part = slow
+        writer._embed_part = slow
     if "embed" not in {c[0] for c in cli.COMMANDS}:
         cli.COMMANDS = [*cli.COMMANDS, *search.COMMANDS]
     sys.exit(cli.main(sys.argv[2:]))

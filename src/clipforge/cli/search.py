@@ -1,4 +1,7 @@
-"""`clipforge embed`, `index`, `search` and `serve`: a collection -> embeddings -> index -> queries."""
+"""`clipforge embed`, `index`, `search` and `serve`: a collection -> embeddings -> index -> queries.
+
+The shell only: arguments, messages and exit codes; the work is `clipforge.search`'s.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ import sys
 
 from .common import EXIT_OK, Command, UsageError, add_model_args, load_from_args
 
+# Each command imports what it runs inside its function: the search modules load torch (the server FastAPI, a
+# multi-process run Lightning), which `clipforge --help` and every other command should not wait for.
+
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ..search.store import EmbedSettings, embed_collection
+    from ..search.writer import EmbedSettings, embed_collection
 
     settings = _embed_settings(args)
     if args.workers < 0:
@@ -66,7 +72,8 @@ def _distributed(args: argparse.Namespace):
 
 def _embed_settings(args: argparse.Namespace) -> dict:
     """Settings from the command line; when resuming, what the command leaves out comes from the store."""
-    from ..search.store import DEFAULT_PART_SIZE, MANIFEST, read_manifest
+    from ..search.store import MANIFEST, read_manifest
+    from ..search.writer import DEFAULT_PART_SIZE
 
     stored = {}
     if not args.overwrite and os.path.exists(os.path.join(args.output, MANIFEST)):
@@ -118,7 +125,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..search.index import SearchIndex, faiss_threads
-    from ..search.server import Limits, serve
+    from ..search.server import serve
+    from ..search.service import Limits
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")

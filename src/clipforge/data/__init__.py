@@ -1,8 +1,10 @@
-"""Datasets: caption tables, labelled image folders, image discovery and generated scenes."""
+"""Datasets: caption tables, labelled image folders, image discovery and source kinds (`sources`), the layout of
+WebDataset shards (`shards`), training batches (`loading`, not imported here: it needs torch) and generated
+scenes (`synthetic`)."""
 
 from __future__ import annotations
 
-from .sources import CaptionTable, LabelledImages, find_images, read_caption_table, read_labelled_images
+from .sources import CaptionTable, LabelledImages, find_images, read_caption_table, read_labelled_images, source_kind
 from .synthetic import CLASSES, Scene, make_scene, make_scenes, write_caption_dataset, write_labelled_dataset
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "make_scenes",
     "read_caption_table",
     "read_labelled_images",
+    "source_kind",
     "write_caption_dataset",
     "write_labelled_dataset",
 ]

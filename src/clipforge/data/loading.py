@@ -6,9 +6,11 @@ Every source becomes batches ``{"images": [B,3,S,S], "texts": [B,L], "bad": [(it
 * caption tables and image folders are map-style (`PairDataset`), ordered by `EpochBatchSampler`: one seeded
   permutation per epoch, split over ranks, resumable at any batch (`resume_at`), and each item's augmentation
   and caption choice seeded by (seed, epoch, index), so a resumed run sees exactly the data it would have seen;
-* WebDataset tar shards (img2dataset layout: ``KEY.jpg`` + ``KEY.txt``) stream through the ``webdataset``
-  library (`ShardStream`), with a shuffle buffer, optional shard resampling and a fixed number of samples
-  per epoch.
+* WebDataset tar shards (img2dataset layout: ``KEY.jpg`` + ``KEY.txt``; `shards` says which members are a
+  sample's image) stream through the ``webdataset`` library (`ShardStream`), with a shuffle buffer, optional
+  shard resampling and a fixed number of samples per epoch.
+
+Which kind a source is, is `sources.source_kind`'s to say (`detect_kind` here is the name training uses).
 
 A bad item (missing, truncated or not an image, zero-size, decompression bomb, empty caption) never stops a
 batch: map-style sources replace it with the next good item (batches keep their size, which all-gather
@@ -28,7 +30,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..images import ImageDecodeError, load_image
-from .sources import group_by_image, read_caption_table, read_labelled_images
+from .shards import sample_image
+from .sources import group_by_image, read_caption_table, read_labelled_images, source_kind
 
 __all__ = [
     "BadItemCounter",
@@ -42,7 +45,6 @@ __all__ = [
     "trim_padding",
 ]
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _MAX_REPLACEMENTS = 16  # items a map-style batch slot tries before giving up on the slot
 Transform = Callable[[Any], torch.Tensor]
 Caption = str | tuple[str, ...]  # one caption, or several of one image (captions_per_image > 1)
@@ -64,11 +66,9 @@ class Pairs:
         return sum(len(c) for c in self.captions)
 
 
-def detect_kind(spec: str) -> str:
-    """`wds` for tar shards (`*.tar`, brace patterns, URLs), `folder` for a directory, else `table`."""
-    if "{" in spec or "::" in spec or spec.split("?")[0].endswith(".tar") or "://" in spec:
-        return "wds"
-    return "folder" if Path(spec).is_dir() else "table"
+# Training's name for the kind of a data source (`wds` for tar shards, brace patterns and URLs, `folder` for a
+# directory, else `table`): train/ and configs' `data.kind` say it this way.
+detect_kind = source_kind
 
 
 def pairs_from_table(path: str | Path, image_col: str = "image_path", caption_col: str = "caption") -> Pairs:
@@ -309,7 +309,8 @@ def collate_pairs(batch: Sequence[tuple[torch.Tensor | None, Caption, list[tuple
 
 
 class ShardStream(IterableDataset):
-    """Batches from WebDataset tar shards (``KEY.jpg|png|webp`` + ``KEY.txt``), read with the `webdataset` library.
+    """Batches from WebDataset tar shards (an image, ``KEY.jpg`` or another of `shards.IMAGE_EXTENSIONS`, and
+    ``KEY.txt``), read with the `webdataset` library.
 
     Each epoch yields `num_batches` batches in total over all DataLoader workers of this rank. Shards are
     split over ranks and workers and shuffled per epoch (`resampled=False`, shards restart when exhausted), or
@@ -337,7 +338,7 @@ class ShardStream(IterableDataset):
         return self.num_batches // info.num_workers + (info.id < self.num_batches % info.num_workers)
 
     def _samples(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
+        import webdataset as wds  # here, not at the top: only shard training needs the library's start-up time
 
         info = get_worker_info()
         seed = self.seed * 1_000_003 + self.epoch * 1_009 + (info.id if info else 0)
@@ -374,7 +375,7 @@ class ShardStream(IterableDataset):
                     return
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        data = sample_image(sample)
         if data is None:
             raise ValueError(f"no image in the sample (keys: {sorted(k for k in sample if not k.startswith('_'))})")
         text = sample.get("txt")

@@ -3,6 +3,7 @@
 Inputs are validated where they enter: every problem is one ``ValueError`` line naming the file, the line
 (1-based, as an editor shows it; Parquet: the 1-based row) and the field, and saying what to do.
 
+- ``source_kind``: what a data source argument names (an image folder, a table, WebDataset shards).
 - ``read_caption_table``: CSV, TSV or Parquet with an image-path column and a caption column.
 - ``read_labelled_images``: a labels table (image path, label) or an ImageFolder tree (``root/<class>/...``).
 - ``find_images``: files and folders (recursive) -> the image files among them, sorted.
@@ -24,10 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from PIL import features
+
+from .shards import is_shard_spec
+
 __all__ = ["CaptionTable", "LabelledImages", "find_images", "group_by_image", "read_caption_table",
-           "read_labelled_images"]
+           "read_labelled_images", "source_kind"]
 
 Image = TypeVar("Image", bound=Hashable)
+Row = TypeVar("Row")
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _TAB_SUFFIXES = (".tsv", ".tab")
@@ -86,11 +92,12 @@ class LabelledImages:
 # ------------------------------------------------------------------------------------------- tables
 
 
-def group_by_image(images: Sequence[Image], captions: Sequence[str]) -> tuple[list[Image], list[list[str]]]:
+def group_by_image(images: Sequence[Image], captions: Sequence[Row]) -> tuple[list[Image], list[list[Row]]]:
     """Rows of (image, caption) -> the distinct images in order of first appearance, and each one's captions in
-    row order. A caption table has one row per caption; training, evaluation and embedding take images."""
+    row order (any per-row value groups alike: row numbers give each image's rows). A caption table has one row
+    per caption; training, evaluation and embedding take images."""
     order: dict[Image, int] = {}
-    grouped: list[list[str]] = []
+    grouped: list[list[Row]] = []
     for image, caption in zip(images, captions, strict=True):
         if image not in order:
             order[image] = len(grouped)
@@ -213,7 +220,7 @@ def _read_utf8(path: Path) -> str:
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str | None]]]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here, not at the top: only Parquet tables need pyarrow's start-up time
 
     try:
         table = pq.read_table(path)
@@ -276,6 +283,22 @@ def _check_files_exist(path: Path, image_paths: list[Path], lines: list[int], co
 
 
 # ----------------------------------------------------------------------------------------- discovery
+
+
+def source_kind(spec: str | Path, tables: Sequence[str] | None = None) -> str:
+    """What a data source argument names: ``"folder"`` (a directory of images), ``"wds"`` (WebDataset shards, as
+    `shards.is_shard_spec` recognises them) or ``"table"`` (a caption or labels table).
+
+    Without `tables`, any other path is a table (its reader then says what is wrong with it); with `tables`
+    (suffixes such as ``".csv"``), only files ending so are, and any other is a ``ValueError``."""
+    path = Path(spec)
+    if path.is_dir():
+        return "folder"
+    if is_shard_spec(str(spec)):
+        return "wds"
+    if tables is None or path.suffix.lower() in tables:
+        return "table"
+    raise ValueError(f"{path}: not a folder, a caption table ({', '.join(tables)}) or a .tar shard")
 
 
 def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -372,8 +395,6 @@ def _supported_formats() -> Sequence[str]:
     """The sniffed formats this Pillow build decodes (JPEG 2000 and AVIF need optional libraries)."""
     global _SUPPORTED
     if _SUPPORTED is None:
-        from PIL import features
-
         optional = [name for name, feature in (("JPEG2000", "jpg_2000"), ("AVIF", "avif"))
                     if features.check(feature)]
         _SUPPORTED = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", *optional)

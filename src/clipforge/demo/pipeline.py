@@ -183,7 +183,7 @@ def _evaluate(model, preprocess, tokenizer, tables: dict[str, Any], settings: De
 
 def _build_index(model, preprocess, tokenizer, table: Path, settings: DemoSettings, out: Path) -> Path:
     from ..search.index import build_index
-    from ..search.store import EmbedSettings, embed_collection
+    from ..search.writer import EmbedSettings, embed_collection
 
     store = out / "index"
     embed_collection([table], store, model, preprocess, tokenizer,

@@ -5,11 +5,16 @@
     build_index("photos.store")
     hits = SearchIndex.open("photos.store").search_text("a dog on the beach", k=10)
 
-The HTTP service lives in `clipforge.search.server` (imported on demand: it needs FastAPI).
+Modules: `listing` (what a collection holds, as items to embed), `writer` (embedding it into a resumable store),
+`store` (the store's layout and reading it), `index` (the vector index and queries), and the HTTP service:
+`server` (the app's routes) over `service` (limits, metrics, request checks, query batching). The service
+modules are imported on demand only: they need FastAPI.
 """
 
 from .index import Hit, IndexParams, SearchIndex, build_index, plan_index
-from .store import EmbeddingStore, EmbedSettings, embed_collection, list_source, read_manifest
+from .listing import list_source
+from .store import EmbeddingStore, read_manifest
+from .writer import EmbedSettings, embed_collection
 
 __all__ = ["EmbedSettings", "EmbeddingStore", "Hit", "IndexParams", "SearchIndex", "build_index",
            "embed_collection", "list_source", "plan_index", "read_manifest"]

@@ -4,8 +4,8 @@
 cosine similarity) and ``STORE/index/index.json`` (its build parameters and the store it was built from).
 The index kind is planned from the number of vectors and a memory budget:
 
-- ``flat``: exact search, chosen up to ``flat_threshold`` vectors (default 100,000: about 10 ms a query
-  at 512 dimensions on two CPU cores) when ``4 * N * dim`` bytes fit the budget;
+- ``flat``: exact search, chosen up to ``flat_threshold`` vectors (default 100,000) when ``4 * N * dim``
+  bytes fit the budget;
 - ``ivf``: inverted lists (``nlist = 4 * sqrt(N)`` k-means cells, ``nprobe`` visited per query) holding the
   full vectors, when they fit; else ``ivf-sq8`` (one byte per dimension), else ``ivf-pq`` (product
   quantisation, ``dim / 8`` bytes per vector);
@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from ..embed import embed_images, embed_texts
-from ..transforms import ImageDecodeError
-from .store import EmbeddingStore, _write_atomic
+from ..images import ImageDecodeError
+from ..util import atomic_write, atomic_write_json
+from .store import EmbeddingStore
 
 INDEX_DIR = "index"
 INDEX_FILE = "faiss.index"
@@ -219,10 +220,8 @@ def build_index(store: str | Path, memory_budget: int | str | None = None, kind:
     params.extra = {"build_seconds": round(time.perf_counter() - started, 3), "faiss_version": faiss.__version__,
                     "store": _store_fingerprint(opened)}
     folder = Path(store) / INDEX_DIR
-    folder.mkdir(exist_ok=True)
-    _write_atomic(folder / INDEX_FILE, lambda f: f.write(faiss.serialize_index(index).tobytes()))
-    text = json.dumps(params.to_dict(), indent=1) + "\n"
-    _write_atomic(folder / PARAMS_FILE, lambda f: f.write(text.encode()))
+    atomic_write(folder / INDEX_FILE, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+    atomic_write_json(folder / PARAMS_FILE, params.to_dict(), indent=1)
     return params
 
 
@@ -340,8 +339,10 @@ class SearchIndex:
         """Load the store's model now (text and image queries load it on first use otherwise)."""
         if self.model is not None:
             return
+        # Here, not at the top: the checkpoint readers (safetensors, the tokenizer's text cleaning) load only when a
+        # query needs the model, not for building an index or searching by stored item.
         from ..checkpoints import load
-        from ..model import auto_precision
+        from ..model import resolve_precision
 
         described = self.store.manifest["model"]
         source = self.checkpoint or described.get("checkpoint")
@@ -352,14 +353,13 @@ class SearchIndex:
         # An fp32 store gets fp32 queries (scores as exact as the store); a store embedded in reduced precision
         # gets this device's fast precision (bf16 where native, which may not be where the store was made).
         stored = described.get("precision", "fp32")
-        precision = "fp32" if stored == "fp32" else auto_precision(self.device)
+        precision = resolve_precision("fp32" if stored == "fp32" else "auto", self.device)
         self.model, self.preprocess, self.tokenizer = load(source, device=self.device, pretrained=pretrained,
                                                            precision=precision, fast_preprocess=fast)
         width = self.model.embed_dim
         if width != self.store.dim:
             self.model = None
             raise ValueError(f"{source}: embeds to {width} dimensions, the store holds {self.store.dim}")
-
 
 
 def _hit(row: dict[str, Any], score: float) -> Hit:
