@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipforge.eval.classification import classification_metrics, target_ranks
+from clipforge.eval.accuracy import classification_metrics, target_ranks
 from clipforge.eval.probe import few_shot_indices, linear_probe
 from clipforge.eval.retrieval import retrieval_metrics
 

@@ -17,9 +17,9 @@ from clipforge import cli
 from clipforge.cli import evaluate as evaluate_cli
 from clipforge.data.synthetic import CLASSES, write_caption_dataset, write_labelled_dataset
 from clipforge.embed import embed_images, embed_texts
-from clipforge.eval import tasks
+from clipforge.eval import features, tasks
 from clipforge.eval.report import write_report, write_summary
-from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.eval.retrieval import evaluate_captioned_images, retrieval_metrics
 from tests.trained_tiny import trained_tiny_model
 
 KS = (1, 5, 10)
@@ -153,6 +153,42 @@ def test_retrieval_groups_captions_of_one_image_and_matches_the_metric(tiny, tmp
     assert result["text_retrieval_recall@20"] == 1.0  # K beyond the gallery
 
 
+def test_captioned_images_in_memory_give_exactly_the_tables_metrics(tiny, tmp_path):
+    """The retrieval core on images and their caption lists in memory gives exactly evaluate_retrieval's metrics
+    on the table they came from: rows of one image far apart, one image that does not decode."""
+    model, preprocess, tokenizer = tiny
+    source = write_caption_dataset(tmp_path / "src", 8, seed=4)
+    rows = list(csv.reader(source.open()))[1:]
+    corrupt(source.parent / rows[2][0])
+    table = tmp_path / "src" / "apart.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "caption"])
+        writer.writerows([*rows, *((image, f"seen again: {caption}") for image, caption in reversed(rows))])
+    result = tasks.evaluate_retrieval(model, preprocess, tokenizer, table, ks=(1, 3), progress=False)
+
+    images = [source.parent / image for image, _ in rows]
+    captions = [[caption, f"seen again: {caption}"] for _, caption in rows]
+    run = evaluate_captioned_images(model, preprocess, tokenizer, images, captions, ks=(3, 1), progress=False)
+    assert run.metrics == {key: result[key] for key in run.metrics}
+    assert "image_retrieval_recall@3" in run.metrics and run.metrics["num_texts"] == result["num_samples"] == 14
+    assert [i for i, _, _ in run.failures] == [2] and result["failed"][0]["image"] == str(images[2])
+    assert run.num_dropped_captions == result["num_dropped_captions"] == 2
+    assert run.kept == [0, 1, 3, 4, 5, 6, 7] and run.captions[:2] == captions[0]
+    assert run.text_to_image.tolist() == [i // 2 for i in range(14)]
+
+
+@pytest.mark.parametrize("captions,message", [
+    ([["a"]], "2 images but 1 caption lists"),
+    (["a cat", ["a dog"]], "the captions of image 0 (x.png) are one string"),
+    ([["a cat"], []], "image 1 (y.png) has no caption"),
+])
+def test_captioned_images_reject_captions_that_do_not_fit(captions, message):
+    with pytest.raises(ValueError, match=r"^val: ") as error:
+        evaluate_captioned_images(None, None, None, ["x.png", "y.png"], captions, source="val")
+    assert message in str(error.value)
+
+
 def test_retrieval_excludes_and_counts_undecodable_images(tiny_model_dir, captions, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(captions.parent, data)
@@ -238,7 +274,7 @@ def test_linear_probe_and_few_shot_cli_with_feature_cache(tiny_model_dir, probe_
     def no_embedding(*args, **kwargs):
         raise AssertionError("features were recomputed although cached")
 
-    monkeypatch.setattr(tasks, "embed_images", no_embedding)
+    monkeypatch.setattr(features, "embed_images", no_embedding)
     assert run([*base, "--few-shot", "2", "--seed", "1", "--weight-decay", "0.01", "--json", str(out)]) == 0
     few = json.loads(out.read_text())
     assert few["task"] == "few-shot-2" and few["num_train"] == 2 * len(CLASSES) and few["few_shot"] == 2

@@ -1,9 +1,13 @@
 """`clipforge evaluate TASK`: retrieval Recall@K, zero-shot accuracy, linear probe / few-shot, suites.
 
-A thin shell over `clipforge.eval.tasks`: parse, call, print the headline metrics, and write the result
-JSON (``--json OUT.json``) and the report (``--output DIR``: JSON + PNG plots, and for a suite the summary
-table). Images that fail to decode are listed on stderr and counted in the results; they do not fail the
-run unless none decodes.
+A thin shell over `clipforge.eval.tasks` and `clipforge.eval.suite`: parse, call, print the headline metrics,
+and write the result JSON (``--json OUT.json``) and the report (``--output DIR``: JSON + PNG plots, and for a
+suite the summary table). Images that fail to decode are listed on stderr and counted in the results; they do
+not fail the run unless none decodes.
+
+The library modules (evaluation, checkpoints, zero-shot) are imported inside the commands, not here: they import
+torch, and every clipforge command (``--help`` included) builds this module's parsers. For the same reason the
+``--templates`` default is the CLI's (`clipforge.cli.classify`), not read from `clipforge.eval.tasks`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .classify import DEFAULT_TEMPLATES
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -77,7 +82,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     from ..eval.report import write_result_json
-    from ..eval.tasks import run_suite
+    from ..eval.suite import run_suite
 
     suite = run_suite(args.config, output_dir=args.output, progress=sys.stderr.isatty())
     for result in suite["results"]:
@@ -209,8 +214,6 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
-    from ..eval.tasks import DEFAULT_TEMPLATES
-
     p.add_argument("--data", required=True, metavar="LABELS",
                    help="labels.csv (image_path,label) or a folder with one subfolder of images per class")
     _class_args(p, "the labels found in --data")
@@ -241,7 +244,7 @@ def _linear_probe_args(p: argparse.ArgumentParser) -> None:
 
 def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="EVAL.yaml",
-                   help="models and tasks to run (see clipforge.eval.tasks.run_suite)")
+                   help="models and tasks to run (see clipforge.eval.suite.run_suite)")
     p.add_argument("--output", metavar="DIR",
                    help="write each result (JSON + plots) and summary.md / summary.csv here (overrides the "
                         "config's output)")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .classification import as_float_matrix, classification_metrics, target_ranks
+from .accuracy import as_float_matrix, classification_metrics, target_ranks
 
 __all__ = ["few_shot_indices", "linear_probe"]
 

@@ -10,7 +10,7 @@ hash, ``num_failed`` the images that could not be decoded. Plots, by task:
 * zeroshot and linear-probe: ``<stem>.confusion.png`` (row-normalised confusion matrix);
 * linear-probe with a weight-decay sweep: ``<stem>.sweep.png`` (validation accuracy against weight decay).
 
-Files are written atomically (temporary name, then rename), so an interrupted run never leaves half a JSON.
+Files are written atomically (`clipforge.util`), so an interrupted run never leaves half a JSON.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from ..images import load_image
+from ..util import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SUMMARY_COLUMNS", "gallery_figure", "pyplot", "report_stem", "save_figure", "summary_rows", "write_plots",
            "write_report", "write_result_json", "write_summary"]
@@ -53,8 +57,7 @@ def report_stem(result: dict[str, Any]) -> str:
 def write_result_json(result: dict[str, Any], path: str | Path) -> Path:
     """Write `result` as indented JSON (tensors and NumPy values converted), atomically. Returns the path."""
     path = Path(path)
-    text = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -87,6 +90,8 @@ def write_plots(result: dict[str, Any], output_dir: str | Path, stem: str) -> di
 
 def pyplot():
     """pyplot on the Agg backend: renders to files, needs no display, safe in worker threads and CI."""
+    # Imported here, not at module level: matplotlib takes a while to import, and writing JSON or a summary
+    # table (a suite's, or the demo's) needs none of it.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -118,8 +123,6 @@ def _recall_figure(result: dict[str, Any]):
 
 def gallery_figure(result: dict[str, Any]):
     """One row per query caption: its best-scoring images, score above each, the correct one framed green."""
-    from ..transforms import load_image
-
     plt = pyplot()
     queries = result["gallery"]
     cols = max(len(q["top"]) for q in queries)
@@ -148,8 +151,6 @@ def gallery_figure(result: dict[str, Any]):
 
 
 def _confusion_figure(result: dict[str, Any]):
-    import numpy as np
-
     plt = pyplot()
     matrix = np.asarray(result["confusion_matrix"], dtype=np.float64)
     names = [row["class"] for row in result.get("per_class_recall", [])] or [str(i) for i in range(len(matrix))]
@@ -190,7 +191,7 @@ def save_figure(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     pyplot().close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -225,12 +226,12 @@ def write_summary(results: Sequence[dict[str, Any]], output_dir: str | Path,
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: "" if row.get(c) is None else row[c] for c in columns} for row in rows)
-    csv_path = _atomic_write_bytes(output_dir / f"{stem}.csv", text.getvalue().encode("utf-8"))
+    csv_path = atomic_write_text(output_dir / f"{stem}.csv", text.getvalue())
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_markdown_cell(c, row.get(c)) for c in columns) + " |")
-    md_path = _atomic_write_bytes(output_dir / f"{stem}.md", ("\n".join(lines) + "\n").encode("utf-8"))
+    md_path = atomic_write_text(output_dir / f"{stem}.md", "\n".join(lines) + "\n")
     return {"markdown": md_path, "csv": csv_path}
 
 
@@ -258,14 +259,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; a metric that cannot be computed is null
     return value
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 def _safe_name(text: str) -> str:

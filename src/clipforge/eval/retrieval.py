@@ -1,4 +1,6 @@
-"""Image-text retrieval metrics: Recall@K, mean and median rank in both directions.
+"""Image-text retrieval: the metrics (`retrieval_metrics`: Recall@K, mean and median rank in both directions)
+and the one evaluation of a model on captioned images (`evaluate_captioned_images`: embed, then score), which
+`clipforge evaluate retrieval` and training's validation both use, so that they report the same numbers.
 
 Metric names follow CLIP_benchmark:
 
@@ -21,15 +23,19 @@ the full score matrix of 25,000 captions x 5,000 images would take 477 MiB.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .classification import as_float_matrix
+from ..embed import embed_texts
+from .accuracy import as_float_matrix
+from .features import image_features
 
-__all__ = ["retrieval_metrics"]
+__all__ = ["RetrievalEvaluation", "evaluate_captioned_images", "retrieval_metrics", "validate_ks"]
 
 # Scores per block when chunk_size is not given: 2**24 fp32 = 64 MiB. Fewer, larger blocks mean fewer
 # thread synchronisations, which matters on a busy machine (on a shared 2-core machine, 25k x 5k with
@@ -70,7 +76,7 @@ def retrieval_metrics(
         middle ranks), ``num_images``, ``num_texts``, and the rank tensors when asked.
     """
     image_emb, text_emb, text_to_image = _validate(image_emb, text_emb, text_to_image)
-    ks = _validate_ks(ks)
+    ks = validate_ks(ks)
     rows = _chunk_rows(chunk_size, len(text_emb), len(image_emb))
     t2i_ranks, i2t_ranks = _ranks(image_emb, text_emb, text_to_image, rows)
 
@@ -85,6 +91,89 @@ def retrieval_metrics(
     if return_ranks:
         out["image_retrieval_ranks"], out["text_retrieval_ranks"] = t2i_ranks.cpu(), i2t_ranks.cpu()
     return out
+
+
+# --- evaluation of a model ------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalEvaluation:
+    """What `evaluate_captioned_images` measured, and on what.
+
+    The images and captions are those that took part: the images that decoded, in input order, and their
+    captions, image by image in input order (all of the first kept image's captions, then the next image's).
+    """
+
+    metrics: dict[str, Any]  # `retrieval_metrics` (fractions, CLIP_benchmark names), without the rank tensors
+    images: list[str | Path]  # the images that decoded
+    kept: list[int]  # the input index of each of them
+    captions: list[str]
+    text_to_image: torch.Tensor  # [N_captions] int64: the row of `images` each caption describes
+    image_embeddings: torch.Tensor  # [N_images, E] float32, L2-normalised
+    text_embeddings: torch.Tensor  # [N_captions, E] float32, L2-normalised
+    image_retrieval_ranks: torch.Tensor  # [N_captions] int64: rank of each caption's image (text -> image)
+    text_retrieval_ranks: torch.Tensor  # [N_images] int64: rank of each image's best caption (image -> text)
+    failures: list[tuple[int, str, str]]  # (input index, image, reason) of the images that did not decode
+    num_dropped_captions: int  # the captions of those images, left out with them
+
+
+def evaluate_captioned_images(
+    model,
+    preprocess: Callable,
+    tokenizer: Callable,
+    images: Sequence[str | Path],
+    captions: Sequence[Sequence[str]],
+    ks: Iterable[int] = (1, 5, 10),
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    source: str | Path = "images",
+) -> RetrievalEvaluation:
+    """Text -> image and image -> text retrieval of `model` on image files with their captions.
+
+    `captions[i]` is the list of captions of `images[i]` (at least one each). Images are embedded with
+    `embed_images` (`batch_size` at a time, `num_workers` decoding processes) through `preprocess`, captions
+    with `embed_texts` (``max(batch_size, 64)`` at a time) through `tokenizer`, both L2-normalised and in the
+    model's own precision (no autocast; the model's train/eval mode is left as it is), and scored with
+    `retrieval_metrics`. Images that fail to decode are left out with their captions; ValueError (naming
+    `source`) when none decodes or the captions do not fit the images.
+    """
+    ks = validate_ks(ks)
+    captions = _caption_lists(images, captions, source)
+    embedded = image_features(model, preprocess, images, batch_size=batch_size, num_workers=num_workers,
+                              progress=progress, desc="embedding images", source=source)
+    kept_captions: list[str] = []
+    owners: list[int] = []
+    for row, index in enumerate(embedded.indices):
+        kept_captions += captions[index]
+        owners += [row] * len(captions[index])
+    text_emb = embed_texts(model, kept_captions, tokenizer, batch_size=max(batch_size, 64), normalize=True,
+                           progress=progress, desc="embedding captions")
+    text_to_image = torch.tensor(owners, dtype=torch.long)
+    metrics = retrieval_metrics(embedded.embeddings, text_emb, text_to_image, ks, return_ranks=True)
+    t2i_ranks, i2t_ranks = metrics.pop("image_retrieval_ranks"), metrics.pop("text_retrieval_ranks")
+    return RetrievalEvaluation(
+        metrics=metrics, images=[images[i] for i in embedded.indices], kept=list(embedded.indices),
+        captions=kept_captions, text_to_image=text_to_image, image_embeddings=embedded.embeddings,
+        text_embeddings=text_emb, image_retrieval_ranks=t2i_ranks, text_retrieval_ranks=i2t_ranks,
+        failures=list(embedded.failures),
+        num_dropped_captions=sum(len(c) for c in captions) - len(kept_captions))
+
+
+def _caption_lists(images: Sequence[Any], captions: Sequence[Sequence[str]], source: str | Path) -> list[list[str]]:
+    """`captions` as one non-empty list per image, else a ValueError saying which image is wrong."""
+    if len(captions) != len(images):
+        raise ValueError(f"{source}: {len(images)} images but {len(captions)} caption lists; give each image "
+                         "the list of its captions")
+    lists = []
+    for i, texts in enumerate(captions):
+        if isinstance(texts, str):  # a bare string would be read as a list of one-character captions
+            raise ValueError(f"{source}: the captions of image {i} ({images[i]}) are one string; give a list")
+        if not texts:
+            raise ValueError(f"{source}: image {i} ({images[i]}) has no caption; every image needs at least one")
+        lists.append(list(texts))
+    return lists
 
 
 # --- validation -----------------------------------------------------------------------------------------
@@ -123,7 +212,8 @@ def _validate(image_emb: Any, text_emb: Any, text_to_image: Any) -> tuple[torch.
     return image_emb, text_emb, t2i
 
 
-def _validate_ks(ks: Iterable[int]) -> list[int]:
+def validate_ks(ks: Iterable[int]) -> list[int]:
+    """The K values of Recall@K, sorted and without repeats; ValueError unless they are positive integers."""
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 for k in ks):
         raise ValueError(f"retrieval_metrics: ks must be positive integers, got {ks}")

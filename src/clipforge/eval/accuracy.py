@@ -1,4 +1,7 @@
-"""Classification metrics from per-class scores: top-1/top-5 accuracy, per-class recall, confusion matrix.
+"""Classification metrics from per-class scores: top-1/top-5 accuracy, per-class recall, confusion matrix; and
+`as_float_matrix`, the check of a score or feature matrix that retrieval and the linear probe share.
+
+Classifying (prompts, class weights, scores) lives in `clipforge.zeroshot`; this module only scores the result.
 
 Names follow CLIP_benchmark (``acc1``, ``acc5``, ``mean_per_class_recall``). Ties count against the model:
 a sample's rank is ``1 + #{other classes scoring >= the true class}``, so a tie for first place is never
