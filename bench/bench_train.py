@@ -130,8 +130,8 @@ def _step_worker(framework: str, steps: int, threads: int, batch: int) -> dict:
     if framework == "clipforge":
         from clipforge.data.loading import trim_padding
         from clipforge.train.config import LossConfig, OptimConfig
+        from clipforge.train.models import build_model
         from clipforge.train.module import CLIPTrainingModule
-        from clipforge.train.run import build_model
 
         texts = trim_padding(texts)  # what clipforge's collate hands the model: no all-padding columns
         model = build_model(load_config(RECIPE).model)[0]

@@ -153,6 +153,43 @@ SEVERAL_CAPTIONS = ["data.sample_captions=true", "data.captions_per_image=2", "d
                     "loss.caption_contrast=0.5"]
 
 
+def test_a_checkpoint_of_the_previous_version_resumes_the_same_curve(scenes, tmp_path) -> None:
+    """Checkpoints written before the towers became attributes list the temperature after the text tower's own
+    tensors, and count steps as manual optimisation: resuming one continues the run that wrote it exactly."""
+    from clipforge.train.parameters import match_optimizer_state
+
+    overrides = [*TINY, f"data.train={scenes['train']}", "optim.epochs=2", "optim.batch_size=64", "optim.lr=2e-3",
+                 "optim.warmup=3", "run.keep_epoch_checkpoints=2"]
+    reference = train(load_config(None, [*overrides, f"run.output={tmp_path / 'reference'}"]))
+    assert reference["steps"] == 16
+    checkpoint = torch.load(tmp_path / "reference" / "checkpoints" / "epoch-0.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 8
+    # The previous version's checkpoint: its state dict's order, the optimizer state in that order without names,
+    # and the step count in the manual-optimisation counters.
+    keys = list(checkpoint["state_dict"])
+    keys.remove("model.logit_scale")
+    keys.insert(keys.index("model.text_projection") + 1, "model.logit_scale")
+    checkpoint["state_dict"] = {key: checkpoint["state_dict"][key] for key in keys}
+    names = checkpoint["clipforge"].pop("optimizer_params")
+    old_order = [[key for key in keys if key in set(group)] for group in names]
+    assert old_order != names
+    match_optimizer_state(checkpoint["optimizer_states"][0], names, old_order)
+    loop = checkpoint["loops"]["fit_loop"]
+    automatic = loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    loop["epoch_loop.manual_optimization.optim_step_progress"] = automatic["step"]
+    automatic["step"] = {part: dict.fromkeys(counts, 0) for part, counts in automatic["step"].items()}
+    automatic["zero_grad"] = {part: dict.fromkeys(counts, 0) for part, counts in automatic["zero_grad"].items()}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+
+    resumed = train(load_config(None, [*overrides, f"run.output={tmp_path / 'resumed'}"]), resume=str(old))
+    assert resumed["steps"] == 16
+    want, got = _losses(tmp_path / "reference"), _losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(8, 16))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
 @pytest.mark.parametrize("settings", [[], SEVERAL_CAPTIONS], ids=["one-caption", "several-captions"])
 def test_two_process_ddp_follows_the_single_process_run(scenes, tmp_path, settings) -> None:
     """`--devices 2 --strategy ddp` (two CPU processes, gloo) with 32 images each trains exactly as one process
@@ -184,7 +221,7 @@ def test_two_process_ddp_follows_the_single_process_run(scenes, tmp_path, settin
 
 def test_fine_tune_with_locked_image_tower(scenes, tmp_path) -> None:
     import clipforge
-    from clipforge.train.run import build_model
+    from clipforge.train.models import build_model
 
     start = tmp_path / "start"
     model, _, _ = build_model(load_config(None, TINY).model)
@@ -259,6 +296,25 @@ def test_weight_average_is_what_validation_sees_and_the_final_model_holds(scenes
     assert not torch.equal(final["text_projection"], live["model.text_projection"])
     val = summary["validation"]["image_retrieval_recall@1"]
     assert _recall_at_1(tmp_path / "final", scenes["val"]) == pytest.approx(val)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_validation_is_what_evaluate_retrieval_gives_for_the_saved_model(scenes, tmp_path, precision) -> None:
+    """Validation runs the evaluation core: its Recall@K equals `evaluate_retrieval` on the saved model loaded at
+    the run's precision, to the last digit."""
+    import clipforge
+    from clipforge.eval.tasks import evaluate_retrieval
+    from clipforge.model import canonical_precision
+
+    cfg = load_config(None, [*TINY, f"data.train={scenes['train']}", f"data.val={scenes['val']}",
+                             f"run.output={tmp_path}", "optim.max_steps=8", "optim.batch_size=64", "optim.lr=3e-3",
+                             "optim.warmup=2", f"run.precision={precision}", "data.val_batch_size=64"])
+    validation = train(cfg)["validation"]
+    model, preprocess, tokenizer = clipforge.load(tmp_path / "final", precision=canonical_precision(precision))
+    evaluated = evaluate_retrieval(model, preprocess, tokenizer, scenes["val"], batch_size=64, progress=False)
+    recalls = {key: value for key, value in evaluated.items() if "recall@" in key}
+    assert len(recalls) == 6 and 0 < recalls["image_retrieval_recall@10"] < 1
+    assert {key: validation[key] for key in recalls} == recalls
 
 
 def test_fsdp_is_refused_with_one_line_before_any_process_starts(scenes, tmp_path, capsys) -> None:

@@ -15,6 +15,7 @@ from clipforge.data.loading import BadItemCounter, EpochBatchSampler, PairDatase
 from clipforge.data.synthetic import make_scenes, write_caption_dataset
 from clipforge.model.precision import lightning_precision as resolve_precision
 from clipforge.tokenizer import Tokenizer
+from clipforge.train.averaging import WeightAverage
 from clipforge.train.config import (
     LossConfig,
     ModelConfig,
@@ -24,8 +25,9 @@ from clipforge.train.config import (
     load_config,
     save_config,
 )
-from clipforge.train.module import CLIPTrainingModule, WeightAverage, lock_towers, lr_at, param_groups
-from clipforge.train.run import build_model
+from clipforge.train.models import build_model
+from clipforge.train.module import CLIPTrainingModule, lr_at
+from clipforge.train.parameters import group_names, lock_towers, match_optimizer_state, param_groups
 from clipforge.transforms import image_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +54,12 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
     grads = []
     for accum in (1, 4):
         module = CLIPTrainingModule(_tiny_model(), OptimConfig(accum_freq=accum), LossConfig())
-        module.manual_backward = lambda loss: loss.backward()  # no Trainer here
-        loss = module._backward(images, texts, accum)
+        if accum == 1:  # an ordinary step: Lightning's backward of the step's loss
+            loss = module.compute_loss(*module.encode(images, texts))
+            loss.backward()
+        else:
+            module.manual_backward = lambda loss: loss.backward()  # no Trainer here
+            loss = module._accumulated_backward(images, texts)
         grads.append((loss, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
     (loss1, g1), (loss4, g4) = grads
     assert loss4.item() == pytest.approx(loss1.item(), rel=1e-5)
@@ -93,6 +99,29 @@ def test_weight_decay_only_on_matrices() -> None:
             "model.text.transformer.resblocks.0.attn.in_proj_bias"} <= kept
     assert not any("positional" in n or "ln_" in n or n.endswith("bias") for n in decayed)
     assert len(decayed) + len(kept) == len(list(module.parameters()))
+
+
+def test_optimizer_state_follows_each_parameter_by_name() -> None:
+    """PyTorch matches optimizer state by position; a module that lists its parameters in another order (a new
+    version's layout) must still hand each parameter its own moments."""
+    module = CLIPTrainingModule(_tiny_model(), OptimConfig(), LossConfig())
+    groups = param_groups(module, 0.2)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    module.compute_loss(*module.encode(torch.randn(4, 3, 32, 32), torch.randint(1, 9, (4, 16)))).backward()
+    optimizer.step()
+    names = group_names(module, groups)
+    by_name = {name: optimizer.state[p]["exp_avg"].clone() for g, ns in zip(groups, names, strict=True)
+               for p, name in zip(g["params"], ns, strict=True)}
+    saved = optimizer.state_dict()
+    shuffled = [list(reversed(ns)) for ns in names]  # the same parameters, listed the other way round
+    match_optimizer_state(saved, names, shuffled)
+    flat = [name for ns in shuffled for name in ns]
+    for index, name in enumerate(flat):
+        assert torch.equal(saved["state"][index]["exp_avg"], by_name[name]), name
+    assert [g["params"] for g in saved["param_groups"]] == [list(range(len(shuffled[0]))),
+                                                            list(range(len(shuffled[0]), len(flat)))]
+    with pytest.raises(ValueError, match="optimizer state is for other parameters"):
+        match_optimizer_state(optimizer.state_dict(), names, [names[0][1:], names[1]])
 
 
 def test_learning_rate_schedule() -> None:
@@ -448,20 +477,20 @@ def test_training_module_keeps_the_average_in_its_checkpoint_and_sets_the_temper
 
 
 def test_validation_log_restarts_with_a_fresh_run_and_is_trimmed_on_resume(tmp_path) -> None:
-    from clipforge.train.run import _trim_validation_log
+    from clipforge.train.validation import trim_validation_log
 
     log = tmp_path / "val.jsonl"
     log.write_text("".join(f'{{"step": {s}, "image_retrieval_recall@1": 0.1}}\n' for s in (10, 20, 30)))
-    _trim_validation_log(log, 20)  # resumed from the step-20 checkpoint: step 30 is redone
+    trim_validation_log(log, 20)  # resumed from the step-20 checkpoint: step 30 is redone
     assert [line.count('"step": ') for line in log.read_text().splitlines()] == [1, 1]
     assert '"step": 30' not in log.read_text()
-    _trim_validation_log(log, None)  # a fresh run in the same folder
+    trim_validation_log(log, None)  # a fresh run in the same folder
     assert log.read_text() == ""
 
 
 def test_validation_table_is_read_whatever_the_training_data_kind(tmp_path) -> None:
     from clipforge.train.config import DataConfig
-    from clipforge.train.run import read_pairs
+    from clipforge.train.datamodule import read_pairs
 
     table = write_caption_dataset(tmp_path / "val", 4, size=32)
     pairs = read_pairs(str(table), DataConfig(kind="wds"))  # the kind describes the training shards

@@ -3,9 +3,11 @@
     from clipforge.train import load_config, train
     summary = train(load_config("recipes/flickr8k-cpu.yaml", ["data.train=train.csv", "data.val=dev.csv"]))
 
-Modules: `loss` (InfoNCE with cross-process gather, SigLIP), `module` (the LightningModule), `config` (YAML run
-files as dataclasses), `run` (assembly, checkpoints, resume, final model). Names are imported on first use, so
-that `clipforge.train.loss` does not pull in Lightning.
+Modules: `config` (YAML run files as dataclasses), `models` (the model a run starts from), `datamodule` (the
+training data), `loss` (InfoNCE with cross-process gather, SigLIP), `parameters` (weight-decay groups, tower
+locking), `averaging` (the weight average), `module` (the LightningModule), `validation` (retrieval validation),
+`checkpointing` (atomic checkpoints, resume), `logs` (progress bar, metrics CSV, TensorBoard) and `run` (assembly,
+the final model). Names are imported on first use, so that `clipforge.train.loss` does not pull in Lightning.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ _EXPORTS = {
     "ClipLoss": "loss", "SigLipLoss": "loss", "build_loss": "loss", "gather_features": "loss",
     "CLIPTrainingModule": "module",
     "TrainConfig": "config", "load_config": "config", "save_config": "config",
-    "build_model": "run", "train": "run",
+    "build_model": "models", "train": "run",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,12 +1,14 @@
-"""The LightningModule that trains a CLIP: optimizer, schedule, accumulation, tower locking, logging.
+"""The LightningModule that trains a CLIP: the loss, the learning-rate schedule, accumulation and logging.
 
-Optimisation is manual (``automatic_optimization = False``) because one optimizer step may run several
-micro-batches whose loss must see the negatives of all of them (open_clip's ``accum_freq``): features of every
-micro-batch are first computed without gradient and cached; then each micro-batch is encoded again with
-gradient and its loss is computed against the cached features of the others, so the accumulated gradient is
-that of the loss over the whole accumulated batch. With ``accum_freq = 1`` this is one ordinary step.
+Lightning runs the optimisation (backward, gradient clipping, the optimizer step) for ordinary steps; this module
+sets each step's learning rate and, after the step, clamps the temperature to ``logit_scale <= ln(100)`` (as in
+CLIP) and updates the weight average.
 
-After each step the temperature is clamped to ``logit_scale <= ln(100)``, as in CLIP.
+Optimisation is manual only with ``accum_freq > 1``, because one optimizer step then runs several micro-batches
+whose loss must see the negatives of all of them (open_clip's ``accum_freq``), which Lightning's accumulation (one
+backward per micro-batch against its own negatives) cannot do: features of every micro-batch are first computed
+without gradient and cached; then each micro-batch is encoded again with gradient and its loss computed against
+the cached features of the others, so the accumulated gradient is that of the loss over the whole batch.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from torch import nn
 
 from ..data.loading import BadItemCounter
 from ..model import CLIP
+from .averaging import WeightAverage
+from .checkpointing import adopt_step_progress
 from .config import LossConfig, ModelConfig, OptimConfig
 from .loss import build_loss
+from .parameters import group_names, lock_towers, match_optimizer_state, param_groups
 
-__all__ = ["CLIPTrainingModule", "WeightAverage", "lock_towers", "lr_at", "param_groups"]
+__all__ = ["MAX_LOGIT_SCALE", "CLIPTrainingModule", "lr_at"]
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -47,48 +52,6 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup: int, min_lr_ratio
     return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (linear, conv, attention, projections, token embedding) only;
-    never on gains, biases, positional embeddings, the class token or the temperature. Frozen weights are left
-    out."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim >= 2 and "positional_embedding" not in name:
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _set_trainable(groups: list[list[nn.Module | nn.Parameter]], unlocked: int) -> list[nn.Module]:
-    """Freeze all groups but the last `unlocked`; return the frozen modules (to keep them in eval mode)."""
-    frozen_modules = []
-    for index, group in enumerate(groups):
-        trainable = index >= len(groups) - unlocked
-        for item in group:
-            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-            for param in params:
-                param.requires_grad_(trainable)
-            if not trainable and isinstance(item, nn.Module):
-                frozen_modules.append(item)
-    return frozen_modules
-
-
-def lock_towers(model: CLIP, cfg: ModelConfig) -> list[nn.Module]:
-    """Apply lock_image / lock_text (with their unlocked last groups); return the modules to keep in eval mode
-    (frozen BatchNorm statistics, for LiT with a ResNet image tower)."""
-    frozen: list[nn.Module] = []
-    if cfg.lock_image:
-        modules = _set_trainable(model.visual.lock_groups(), cfg.lock_image_unlocked_groups)
-        if cfg.lock_image_freeze_bn_stats:
-            frozen += modules
-    if cfg.lock_text:
-        _set_trainable(model.text.lock_groups(), cfg.lock_text_unlocked_layers)
-    return frozen
-
-
 class CLIPTrainingModule(L.LightningModule):
     """Contrastive training of a `clipforge.model.CLIP`.
 
@@ -101,7 +64,7 @@ class CLIPTrainingModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.optim_cfg, self.loss_cfg = optim, loss
-        self.automatic_optimization = False
+        self.automatic_optimization = self.accum_freq == 1  # see the module docstring
         self.loss_fn = build_loss(loss.kind, local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad,
                                   label_smoothing=loss.label_smoothing)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss.kind == "siglip" else None
@@ -127,7 +90,12 @@ class CLIPTrainingModule(L.LightningModule):
         self._batch_start = 0.0
         self._rng_state: dict[str, Any] | None = None
         self._fused = False
+        self._lr = optim.lr
         self.ema = WeightAverage(model, optim.ema_decay) if optim.ema_decay else None
+
+    @property
+    def accum_freq(self) -> int:
+        return max(1, self.optim_cfg.accum_freq)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -138,25 +106,25 @@ class CLIPTrainingModule(L.LightningModule):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=self._fused)
 
     def _can_fuse(self, groups: list[dict[str, Any]]) -> bool:
-        """The fused AdamW kernel updates every tensor in one pass (~8x faster than the per-tensor loop on CPU).
+        """The fused AdamW kernel updates every tensor in one pass, far faster than the per-tensor loop on a CPU.
         Not with fp16's gradient scaler, whose unscaling and clipping Lightning must do."""
         trainer = self._trainer
         if trainer is not None and str(trainer.precision).startswith("16"):
             return False
         return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
 
-    def _clip_gradients(self, opt) -> None:
-        if self._fused:  # plain tensors, no scaler: clip directly (Lightning refuses fused optimizers)
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None],
-                                           self.optim_cfg.grad_clip)
-        else:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
-
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Lightning calls this inside `opt.step()`, after 16-mixed's gradient scaler has unscaled the gradients:
-        # clipping before `opt.step()` would clip the scaled gradients (65536x) and all but stop learning.
-        if self.optim_cfg.grad_clip:
-            self._clip_gradients(optimizer)
+        """Gradient clipping (`optim.grad_clip`, by norm), in both kinds of optimisation. Lightning calls this
+        hook inside the optimizer step, after 16-mixed's gradient scaler has unscaled the gradients (clipping the
+        scaled ones would all but stop learning). Lightning's own `gradient_clip_val` would not do: it is refused
+        in manual optimisation, and for fused optimizers under mixed precision."""
+        clip = self.optim_cfg.grad_clip
+        if not clip:
+            return
+        if self._fused:  # plain (unscaled) gradients: fusing is off with fp16's scaler
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -204,22 +172,37 @@ class CLIPTrainingModule(L.LightningModule):
         self.bad_items.update(batch.get("seen", len(batch["images"])), batch.get("bad", []))
         self.bad_items.check()
         self._position = (self.current_epoch, batch_idx + 1)
-        opt = self.optimizers()
-        lr = self._set_lr(opt)
-        loss = self._backward(batch["images"], batch["texts"], max(1, self.optim_cfg.accum_freq))
-        opt.step()  # clips in on_before_optimizer_step
-        opt.zero_grad(set_to_none=True)
+        images, texts = batch["images"], batch["texts"]
+        if self.automatic_optimization:  # Lightning runs backward and the step (see optimizer_step)
+            loss = self.compute_loss(*self.encode(images, texts))
+        else:
+            opt = self.optimizers()
+            self._set_lr(opt)
+            loss = self._accumulated_backward(images, texts)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._after_step()
+        self._window["samples"] += len(images) * self.trainer.world_size
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("lr", self._lr, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """An automatic step: this step's learning rate, Lightning's step (the closure runs `training_step` and
+        backward, then clipping), then the temperature clamp and the weight average."""
+        self._set_lr(optimizer)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._after_step()
+
+    def _after_step(self) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         if self.ema is not None:
             self.ema.update(self.global_step)
-        self._window["samples"] += len(batch["images"]) * self.trainer.world_size
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", lr, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("logit_scale", self.model.logit_scale.exp().item(), prog_bar=True, on_step=True, on_epoch=False)
-        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: the temperature as the step left it.
+        self.log("logit_scale", self.model.logit_scale.exp().item(), prog_bar=True, on_step=True, on_epoch=False)
         now = time.perf_counter()
         self._window["busy"] += now - self._batch_start
         self._last_end = now
@@ -241,12 +224,13 @@ class CLIPTrainingModule(L.LightningModule):
             elapsed = self.trainer.strategy.broadcast(elapsed, src=0)
         return elapsed / (60 * self.optim_cfg.max_minutes)
 
-    def _set_lr(self, opt) -> float:
+    def _set_lr(self, optimizer) -> None:
+        """This step's learning rate into every parameter group (`optimizer` plain or Lightning's wrapper)."""
         cfg = self.optim_cfg
-        lr = lr_at(self.global_step, self.total_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, self._time_fraction())
-        for group in opt.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        self._lr = lr_at(self.global_step, self.total_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
+                         self._time_fraction())
+        for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+            group["lr"] = self._lr
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features; a fully locked tower runs without building a graph."""
@@ -278,11 +262,9 @@ class CLIPTrainingModule(L.LightningModule):
             loss = loss + self.loss_cfg.caption_contrast * torch.stack(pairs).mean()
         return loss
 
-    def _backward(self, images: torch.Tensor, texts: torch.Tensor, accum_freq: int) -> torch.Tensor:
-        if accum_freq == 1:
-            loss = self.compute_loss(*self.encode(images, texts))
-            self.manual_backward(loss)
-            return loss.detach()
+    def _accumulated_backward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Backward over `accum_freq` micro-batches whose loss sees the negatives of all (see the module docstring)."""
+        accum_freq = self.accum_freq
         if len(images) % accum_freq:
             raise ValueError(f"batch of {len(images)} does not split into accum_freq={accum_freq} micro-batches")
         image_chunks, text_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
@@ -313,11 +295,21 @@ class CLIPTrainingModule(L.LightningModule):
             "bad_items": self.bad_items.state_dict(),
             "rng": _get_rng_state(),
         }
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        if optimizers:  # which parameter each position of the optimizer state belongs to
+            checkpoint["clipforge"]["optimizer_params"] = group_names(self, optimizers[0].param_groups)
         if self.ema is not None:
             checkpoint["clipforge"]["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("clipforge", {})
+        adopt_step_progress(checkpoint, self.automatic_optimization)
+        if checkpoint.get("optimizer_states"):
+            current = group_names(self, param_groups(self, self.optim_cfg.wd))
+            # Checkpoints before the names were recorded list parameters in their state dict's order.
+            saved = state.get("optimizer_params") or [[n for n in checkpoint["state_dict"] if n in set(group)]
+                                                      for group in current]
+            match_optimizer_state(checkpoint["optimizer_states"][0], saved, current)
         self.elapsed_before = float(state.get("elapsed", 0.0))
         if "position" in state:
             self._resume_position = tuple(int(v) for v in state["position"])  # type: ignore[assignment]
@@ -326,58 +318,6 @@ class CLIPTrainingModule(L.LightningModule):
         self._rng_state = state.get("rng")
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-
-
-class WeightAverage:
-    """An exponential moving average of a model's floating-point parameters and buffers (BatchNorm statistics).
-
-    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that the first steps' random weights fade
-    quickly. Updated after each optimizer step; `swapped_in()` puts the average into the model for a while."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be between 0 and 1 (e.g. 0.995), got {decay}")
-        self.model, self.decay = model, decay
-        live = self._live()
-        self._names = list(live)
-        self.average = [t.detach().float().clone() for t in live.values()]
-
-    def _live(self) -> dict[str, torch.Tensor]:
-        """The model's floating-point tensors by their state-dict names (a checkpoint's average keeps the names
-        of the model's layout). Looked up each time: moving the model to a device replaces its buffers."""
-        return {name: t for name, t in self.model.state_dict(keep_vars=True).items() if t.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        live = [t.detach().float() for t in self._live().values()]
-        if self.average and self.average[0].device != live[0].device:
-            self.average = [a.to(t.device) for a, t in zip(self.average, live, strict=True)]
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.average, live, 1.0 - decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        live = list(self._live().values())
-        saved = [t.detach().clone() for t in live]
-        with torch.no_grad():
-            for tensor, average in zip(live, self.average, strict=True):
-                tensor.copy_(average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for tensor, kept in zip(live, saved, strict=True):
-                    tensor.copy_(kept)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self._names, self.average, strict=True))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self._names) - set(state)
-        if missing:
-            raise ValueError(f"the checkpoint's weight average lacks {sorted(missing)[:3]}: resume with the "
-                             "optim.ema_decay setting it was trained with")
-        self.average = [state[name].float().clone() for name in self._names]
 
 
 def _get_rng_state() -> dict[str, Any]:
