@@ -71,6 +71,7 @@ BENCHMARKS = (
     Benchmark("classify", "bench_classify.py", quick_args=("10",), data=("flowers/labels.csv",), minutes=5),
     Benchmark("embed", "bench_embed.py", quick_args=("--n", "16"), data=("flickr8k/images",), minutes=3),
     Benchmark("train-step", "bench_train.py", ("step",), ("step", "--steps", "1", "--batch", "16"), minutes=2),
+    Benchmark("kernels", "bench_kernels.py", quick_args=("--repeats", "2"), main_python=True, minutes=2),
     Benchmark("search", "bench_search.py", quick_args=("--n", "20000", "--queries", "50"), main_python=True,
               modules=("faiss",), minutes=4),
     Benchmark("serve", "bench_serve.py", quick_args=("--requests", "40", "--images", "32"), main_python=True,

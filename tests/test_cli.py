@@ -84,7 +84,8 @@ def test_usage_errors_exit_2(capsys):
 
 def test_download_failures_and_worker_errors_are_one_line() -> None:
     from clipforge.checkpoints.pretrained import DownloadError, OfflineModeError
-    from clipforge.cli import _one_line, _user_error_status
+    from clipforge.cli import user_error_status as _user_error_status
+    from clipforge.util import one_line as _one_line
 
     assert _user_error_status(DownloadError("x")) == 1 and _user_error_status(OfflineModeError("x")) == 1
     assert _user_error_status(KeyError("a bug")) is None  # bugs keep their traceback

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .transforms import ImageDecodeError, load_image
+from .images import ImageDecodeError, load_image
 
 ImageItem = str | Path | Image.Image | bytes
 

@@ -161,7 +161,7 @@ def require_onnx(exporter: str) -> None:
 
 def _check_opset(path: Path, opset: int) -> None:
     """Exporters may fall back to another opset when a conversion fails: refuse a graph that is not `opset`."""
-    import onnx
+    import onnx  # an optional dependency (the onnx extra), checked by require_onnx
 
     graph = onnx.load(str(path), load_external_data=False)
     written = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)

@@ -80,7 +80,7 @@ def _find_images(paths: list[str]) -> list[Path]:
 
 
 def _images_in_folder(folder: Path) -> list[Path]:
-    from ..data.sources import find_images
+    from ..data.discovery import find_images
 
     try:
         return find_images([folder])

@@ -1,16 +1,58 @@
-"""What every subcommand shares: exit statuses, the usage error, and the model options."""
+"""What every subcommand shares: exit statuses, the error boundary (a user's mistake is one line), the usage
+error, and the model options.
+
+Library imports sit inside the functions that need them throughout cli/: `clipforge --help` and a usage error
+then answer without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ..util import one_line
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+def run_command(name: str, run: Callable[[], int]) -> int:
+    """Run subcommand `name` and return its exit status: a user's mistake (see `user_error_status`) is one line on
+    stderr, Ctrl-C is "interrupted" and 130, a closed output pipe is no error; a bug keeps its traceback (and so
+    does every error with ``CLIPFORGE_DEBUG`` set)."""
+    try:
+        return run()
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"clipforge {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        status = user_error_status(err)
+        if status is None or os.environ.get("CLIPFORGE_DEBUG"):
+            raise
+        print(f"clipforge {name}: error: {one_line(err)}", file=sys.stderr)
+        return status
+
+
+def user_error_status(err: Exception) -> int | None:
+    """Exit status for a user's mistake (bad input, missing file); None for anything else."""
+    from ..checkpoints import CheckpointError
+    from ..checkpoints.pretrained import DownloadError
+    from ..images import ImageDecodeError
+
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
+    if isinstance(err, (CheckpointError, DownloadError, ImageDecodeError, OSError, ValueError)):
+        return EXIT_FAILED
+    return None
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import EXIT_OK, Command, UsageError
+from .common import EXIT_OK, Command, UsageError, run_command
 
 
 def _threads(text: str) -> int | str:
@@ -119,20 +118,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `clipforge train` with these arguments (errors as the `clipforge` command reports them)."""
-    from . import _user_error_status
-
+    """Run `clipforge train` with these arguments (errors as the `clipforge` command reports them): the entry
+    point of `python -m clipforge.cli.train`, which torchrun and SLURM launch once per process."""
     parser = argparse.ArgumentParser(prog="clipforge train")
     _train_args(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_train(args)
-    except Exception as err:
-        status = _user_error_status(err)
-        if status is None:
-            raise
-        print(f"clipforge train: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return status
+    return run_command("train", lambda: cmd_train(args))
 
 
 COMMANDS: list[Command] = [

@@ -1,4 +1,4 @@
-"""Reading datasets from disk: caption tables, labelled images, and image discovery for the CLI.
+"""Reading datasets from disk: caption tables, labelled images, and what kind of source an argument names.
 
 Inputs are validated where they enter: every problem is one ``ValueError`` line naming the file, the line
 (1-based, as an editor shows it; Parquet: the 1-based row) and the field, and saying what to do.
@@ -6,12 +6,9 @@ Inputs are validated where they enter: every problem is one ``ValueError`` line 
 - ``source_kind``: what a data source argument names (an image folder, a table, WebDataset shards).
 - ``read_caption_table``: CSV, TSV or Parquet with an image-path column and a caption column.
 - ``read_labelled_images``: a labels table (image path, label) or an ImageFolder tree (``root/<class>/...``).
-- ``find_images``: files and folders (recursive) -> the image files among them, sorted.
 - ``group_by_image``: a table's rows (one caption each) -> each distinct image with all its captions.
 
-Images are recognised by their first bytes (magic numbers of the formats Pillow decodes here), never by
-their extension: ``photo.txt`` holding PNG data is an image, ``notes.jpg`` holding text is not. Hidden files
-and folders (name starting with ".") are skipped.
+An ImageFolder tree's images are found by content (`discovery`).
 """
 
 from __future__ import annotations
@@ -19,27 +16,22 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import os
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import features
-
+from .discovery import images_under
 from .shards import is_shard_spec
 
-__all__ = ["CaptionTable", "LabelledImages", "find_images", "group_by_image", "read_caption_table",
-           "read_labelled_images", "source_kind"]
+__all__ = ["CaptionTable", "LabelledImages", "group_by_image", "read_caption_table", "read_labelled_images",
+           "source_kind"]
 
 Image = TypeVar("Image", bound=Hashable)
 Row = TypeVar("Row")
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _TAB_SUFFIXES = (".tsv", ".tab")
-_SNIFF_BYTES = 32
-# DIB header sizes of the BMP variants, so that a text file starting with "BM" is not taken for a bitmap.
-_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 
 
 @dataclass
@@ -301,34 +293,6 @@ def source_kind(spec: str | Path, tables: Sequence[str] | None = None) -> str:
     raise ValueError(f"{path}: not a folder, a caption table ({', '.join(tables)}) or a .tar shard")
 
 
-def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """The image files among ``paths``: files are kept if their content is an image, folders are searched
-    recursively (hidden entries skipped). Each folder's images are sorted by path; arguments keep their order;
-    duplicates are dropped. Raises ``ValueError`` for a path that does not exist or when no image is found.
-    """
-    if isinstance(paths, str | os.PathLike):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for path in paths:
-        if path.is_dir():
-            candidates = _images_under(path)
-        elif path.exists():
-            candidates = [path] if _is_image(path) else []
-        else:
-            raise ValueError(f"{path}: no such file or folder")
-        for image in candidates:
-            if image not in seen:
-                seen.add(image)
-                found.append(image)
-    if not found:
-        listed = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-        raise ValueError(f"no images found in {listed or 'no paths given'} (images are recognised by content: "
-                         f"{', '.join(_supported_formats())})")
-    return found
-
-
 def _read_image_folder(root: Path) -> LabelledImages:
     class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not class_dirs:
@@ -337,68 +301,9 @@ def _read_image_folder(root: Path) -> LabelledImages:
     paths: list[Path] = []
     labels: list[str] = []
     for class_dir in class_dirs:
-        images = _images_under(class_dir)
+        images = images_under(class_dir)
         if not images:
             raise ValueError(f"{class_dir}: class folder holds no images; add images or remove the folder")
         paths += images
         labels += [class_dir.name] * len(images)
     return LabelledImages(paths, labels, [d.name for d in class_dirs])
-
-
-def _images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursive, following folder links once, hidden entries skipped), sorted."""
-    found = []
-    visited = set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in visited:  # a link back up the tree: do not loop
-            dirs.clear()
-            continue
-        visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(top, name) for name in files if not name.startswith(".") and _is_image(Path(top, name))]
-    return sorted(found, key=lambda p: p.parts)
-
-
-def _is_image(path: Path) -> bool:
-    """True when the file starts like an image Pillow can decode here (a cheap header sniff, no decode)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(_SNIFF_BYTES)
-    except OSError:
-        return False
-    return _sniff(head) in _supported_formats()
-
-
-def _sniff(head: bytes) -> str | None:
-    """The image format a file's first bytes announce, or None."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "TIFF"
-    if head.startswith(b"BM") and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
-        return "BMP"
-    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
-        return "JPEG2000"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
-        return "AVIF"
-    return None
-
-
-def _supported_formats() -> Sequence[str]:
-    """The sniffed formats this Pillow build decodes (JPEG 2000 and AVIF need optional libraries)."""
-    global _SUPPORTED
-    if _SUPPORTED is None:
-        optional = [name for name, feature in (("JPEG2000", "jpg_2000"), ("AVIF", "avif"))
-                    if features.check(feature)]
-        _SUPPORTED = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", *optional)
-    return _SUPPORTED
-
-
-_SUPPORTED: tuple[str, ...] | None = None

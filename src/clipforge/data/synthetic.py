@@ -1,7 +1,7 @@
 """Generated scenes: coloured shapes on a plain background, with captions and class labels.
 
-Deterministic (a seed gives the same images, captions and labels on every machine with the same Pillow), fast
-(about 0.1 ms per 64 px scene) and learnable by a tiny CLIP in seconds, so tests and the demo can train, embed,
+Deterministic (a seed gives the same images, captions and labels on every machine with the same Pillow), fast to
+draw and learnable by a tiny CLIP in seconds, so tests and the demo can train, embed,
 classify and search without downloading anything.
 
 A scene holds one or two shapes. The first shape is the *subject*: it is drawn larger and last (on top), and
@@ -239,7 +239,7 @@ def _save_image(image: Image.Image, folder: Path, stem: str, image_format: str) 
 def write_table(path: Path, header: tuple[str, ...], rows: list[tuple[str, ...]], fmt: str = "csv") -> None:
     """`rows` under `header` as ``csv``, ``tsv`` or ``parquet`` (all columns strings); creates the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
+    if fmt == "parquet":  # imported here: only Parquet output needs pyarrow's start-up time
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -9,7 +9,6 @@ the user's own caption table (split by image into train and validation; no zero-
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 import time
@@ -17,6 +16,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ..checkpoints import load
+from ..data.sources import read_caption_table
+from ..data.synthetic import CLASSES, write_caption_dataset, write_labelled_dataset, write_table
+from ..eval.report import write_report
+from ..eval.tasks import evaluate_retrieval, evaluate_zeroshot
+from ..search.index import SearchIndex, build_index
+from ..search.writer import EmbedSettings, embed_collection
+from ..train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from ..train.run import train
+from ..util import atomic_write_json
+from .report import write_demo_report
 
 # The README quotes these (a test checks it). Chosen from three measured runs of the default settings on a 2-core
 # CPU: R@10 0.89-0.91 text->image and 0.85 image->text, colour 1.00, shape 0.52-0.79 (bf16 runs differ in their
@@ -53,7 +64,6 @@ class DemoSettings:
 def demo_recipe(settings: DemoSettings, train_table: Path, output: Path):
     """The training config of the demo (also saved by the run as ``OUTPUT/train/config.yaml``). No validation
     pass inside training: the demo evaluates the final model once, on the same validation table, afterwards."""
-    from ..train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
     return TrainConfig(
         model=ModelConfig(image_size=settings.image_size, **settings.model),
@@ -72,8 +82,6 @@ def demo_recipe(settings: DemoSettings, train_table: Path, output: Path):
 def run_demo(output: str | Path, data: str | Path | None = None, settings: DemoSettings | None = None,
              say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the demo into `output`; returns the summary (also ``OUTPUT/summary.json``)."""
-    from ..checkpoints import load
-    from ..train.run import train
 
     settings = settings or DemoSettings()
     say = say or _say
@@ -115,18 +123,16 @@ def run_demo(output: str | Path, data: str | Path | None = None, settings: DemoS
     timings["index"] = time.perf_counter() - clock
 
     summary = _summary(results, trained, tables, settings, data, timings, time.perf_counter() - started, store)
-    from .report import write_demo_report
 
     summary["report"] = str(write_demo_report(out / "report", summary, results, gallery,
                                               out / "train" / "logs" / "metrics.csv"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     _print_summary(summary, say)
     return summary
 
 
 def _generate(folder: Path, settings: DemoSettings) -> dict[str, Any]:
     """Train and validation caption tables, and held-out single-shape scenes labelled by colour and by shape."""
-    from ..data.synthetic import write_caption_dataset, write_labelled_dataset, write_table
 
     train = write_caption_dataset(folder / "train", settings.train_scenes, settings.image_size, settings.seed)
     val = write_caption_dataset(folder / "val", settings.val_scenes, settings.image_size, settings.seed + 1)
@@ -142,8 +148,6 @@ def _generate(folder: Path, settings: DemoSettings) -> dict[str, Any]:
 
 def _split_user_table(table: Path, folder: Path, settings: DemoSettings) -> dict[str, Any]:
     """Split the user's caption table by image (every caption of an image on one side), deterministically."""
-    from ..data.sources import read_caption_table
-    from ..data.synthetic import write_table
 
     pairs = read_caption_table(table, settings.image_col, settings.caption_col)
     images = sorted({str(p.resolve()) for p in pairs.image_paths})
@@ -166,8 +170,6 @@ def _split_user_table(table: Path, folder: Path, settings: DemoSettings) -> dict
 def _evaluate(model, preprocess, tokenizer, tables: dict[str, Any], settings: DemoSettings,
               report: Path) -> dict[str, dict[str, Any]]:
     """Retrieval on the validation table; zero-shot colour and shape on the held-out scenes (when generated)."""
-    from ..eval.report import write_report
-    from ..eval.tasks import evaluate_retrieval, evaluate_zeroshot
 
     common = {"batch_size": 250, "progress": settings.progress, "model_name": "demo"}
     results = {"retrieval": evaluate_retrieval(model, preprocess, tokenizer, tables["val"], settings.image_col,
@@ -182,8 +184,6 @@ def _evaluate(model, preprocess, tokenizer, tables: dict[str, Any], settings: De
 
 
 def _build_index(model, preprocess, tokenizer, table: Path, settings: DemoSettings, out: Path) -> Path:
-    from ..search.index import build_index
-    from ..search.writer import EmbedSettings, embed_collection
 
     store = out / "index"
     embed_collection([table], store, model, preprocess, tokenizer,
@@ -196,7 +196,6 @@ def _build_index(model, preprocess, tokenizer, table: Path, settings: DemoSettin
 
 def _search_gallery(store: Path, model, preprocess, tokenizer, queries: list[str], k: int = 6) -> list[dict]:
     """The top `k` validation images for each query, through the search index (as `clipforge search` does)."""
-    from ..search.index import SearchIndex
 
     index = SearchIndex.open(store, model=model, preprocess=preprocess, tokenizer=tokenizer)
     gallery = []
@@ -209,14 +208,12 @@ def _search_gallery(store: Path, model, preprocess, tokenizer, queries: list[str
 
 def _mentions(caption: str, query: str) -> bool:
     """Whether a hit's own caption names the query's first "<colour> <shape>" (generated captions only)."""
-    from ..data.synthetic import CLASSES
 
     wanted = next((c for c in CLASSES if c in query), None)
     return wanted is not None and wanted in caption
 
 
 def _first_captions(table: Path, settings: DemoSettings, n: int) -> list[str]:
-    from ..data.sources import read_caption_table
 
     captions = read_caption_table(table, settings.image_col, settings.caption_col, check_files=False).captions
     step = max(1, len(captions) // n)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.report import gallery_figure, pyplot, save_figure, write_result_json
+from ..util import atomic_write_text
 
 
 def write_demo_report(folder: Path, summary: dict[str, Any], results: dict[str, dict], gallery: list[dict],
@@ -22,9 +23,9 @@ def write_demo_report(folder: Path, summary: dict[str, Any], results: dict[str, 
                                folder / "search.png").name}
     write_result_json({"queries": gallery}, folder / "search.json")
     sections = _sections(summary, results, figures)
-    (folder / "report.md").write_text(_markdown(summary, sections), encoding="utf-8")
+    atomic_write_text(folder / "report.md", _markdown(summary, sections))
     page = folder / "index.html"
-    page.write_text(_html(summary, sections), encoding="utf-8")
+    atomic_write_text(page, _html(summary, sections))
     return page
 
 

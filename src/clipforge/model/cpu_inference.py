@@ -100,8 +100,9 @@ class PackedMLP(MLP):
 
 class PackedPatchEmbedding(nn.Conv2d):
     """A ViT's patch convolution (stride = kernel, no padding, no bias) as one packed matmul over the flattened
-    patches: far faster than oneDNN's convolution for this shape (3 input channels, a huge kernel). Returns the
-    convolution's `[B, C, H/p, W/p]` layout as a view of the matmul's `[B, patches, C]` result."""
+    patches: faster than oneDNN's convolution for this shape, 3 input channels and a huge kernel
+    (bench/bench_kernels.py). Returns the convolution's `[B, C, H/p, W/p]` layout as a view of the matmul's
+    `[B, patches, C]` result."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

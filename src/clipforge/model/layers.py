@@ -26,8 +26,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """Softmax attention of `[B, H, L, D]` heads: SDPA, except when training in bf16/fp16 on a CPU.
 
     There, SDPA's fused CPU kernel is slower forward+backward than three plain ops on the short sequences CLIP
-    uses, because its backward does not use the bf16 matrix units (bench/results.md, training step). The plain
-    path keeps the softmax in fp32, as the fused kernel does."""
+    uses, because its backward does not use the bf16 matrix units (bench/bench_kernels.py). The plain path keeps
+    the softmax in fp32, as the fused kernel does."""
     if not (torch.is_grad_enabled() and q.requires_grad and q.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

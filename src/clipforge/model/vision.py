@@ -178,8 +178,8 @@ class ModifiedResNet(ImageTower):
 
 def _prefer_channels_last(x: torch.Tensor) -> bool:
     """oneDNN's CPU convolutions run faster on channels-last (NHWC) activations in bf16 inference and in
-    training (fp32 or bf16); fp32 inference at small batches is faster in NCHW. Weights keep their layout:
-    the convolution reorders them, which costs little beside the activations."""
+    training, fp32 or bf16 (bench/bench_kernels.py); fp32 inference at small batches is faster in NCHW. Weights
+    keep their layout: the convolution reorders them, which costs little beside the activations."""
     if x.device.type != "cpu":
         return False
     low_precision = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")

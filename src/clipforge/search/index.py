@@ -45,7 +45,7 @@ _ID_OVERHEAD = 8  # bytes per vector for the id stored in inverted lists
 
 
 def _faiss():
-    try:
+    try:  # imported on first use: `import clipforge.search` stays light for the store's readers
         import faiss
     except ImportError as err:  # a dependency of the package; this only helps a broken environment
         raise ImportError("the search index needs faiss: pip install faiss-cpu") from err

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.discovery import find_images
 from ..data.shards import IMAGE_EXTENSIONS, split_member_name
-from ..data.sources import find_images, group_by_image, read_caption_table, source_kind
+from ..data.sources import group_by_image, read_caption_table, source_kind
 
 __all__ = ["SourceItem", "SourceListing", "TarMember", "expand_braces", "list_source", "read_span"]
 

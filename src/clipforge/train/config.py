@@ -15,9 +15,7 @@ and checks every key and type, naming the bad key. `save_config` writes the reso
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..util import atomic_write_text
 
 __all__ = ["DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "apply_overrides",
            "config_from_dict", "load_config", "save_config"]
@@ -256,10 +256,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(cfg.to_dict(), handle, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -49,8 +49,8 @@ __all__ = ["resolve_threads", "train"]
 
 def resolve_threads(threads: int | str | None) -> int | None:
     """CPU threads for torch. `auto`: every core on an idle machine, one when the load average says the cores
-    are taken (measured: a 2-thread step ran 3x slower than a 1-thread one on a 2-core machine with load 14,
-    its threads spinning while waiting for each other)."""
+    are taken: there a step on all cores runs slower than on one, its threads spinning while they wait for each
+    other."""
     if threads is None or isinstance(threads, int):
         return threads
     if threads != "auto":
