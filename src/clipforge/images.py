@@ -119,4 +119,4 @@ def _read_source(source: ImageSource, name: str) -> bytes:
 
 def _reason(err: BaseException) -> str:
     """A decoder's own message, as quoted in ours."""
-    return one_line(err, _MESSAGE_LIMIT)
+    return one_line(err, _MESSAGE_LIMIT, whole=True)

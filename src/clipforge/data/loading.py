@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..images import ImageDecodeError, load_image
+from ..util import one_line
 from .shards import sample_image
 from .sources import group_by_image, read_caption_table, read_labelled_images, source_kind
 
@@ -180,7 +181,7 @@ class PairDataset(Dataset):
                 pixels, caption = self._load(epoch, position)
                 return pixels, caption, bad
             except (ImageDecodeError, OSError, ValueError) as err:
-                bad.append((self._describe(position), " ".join(str(err).split())))
+                bad.append((self._describe(position), one_line(err, whole=True)))
                 position = replacements.randrange(len(self.items))
         return None, "", bad
 
@@ -365,7 +366,7 @@ class ShardStream(IterableDataset):
                 pixels.append(image)
                 captions.append(caption)
             except (ImageDecodeError, OSError, ValueError) as err:
-                bad.append((f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", " ".join(str(err).split())))
+                bad.append((f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", one_line(err, whole=True)))
             if len(pixels) == self.batch_size:
                 yield {"images": torch.stack(pixels), "texts": trim_padding(self.tokenizer(captions)), "bad": bad,
                        "seen": len(pixels) + len(bad)}

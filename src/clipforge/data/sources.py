@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from ..util import one_line
 from .discovery import images_under
 from .shards import is_shard_spec
 
@@ -217,8 +218,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str | Non
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a damaged or non-Parquet file
-        message = " ".join(str(err).split())[:200]
-        raise ValueError(f"{path}: not a readable Parquet file ({message})") from None
+        raise ValueError(f"{path}: not a readable Parquet file ({one_line(err, 200, whole=True)})") from None
     header = _check_header(path, [str(name) for name in table.column_names], None)
     columns = [[None if v is None else str(v).strip() for v in table.column(i).to_pylist()]
                for i in range(table.num_columns)]

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..util import atomic_write_text
+from ..util import atomic_write_text, one_line
 
 __all__ = ["DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "apply_overrides",
            "config_from_dict", "load_config", "save_config"]
@@ -230,7 +230,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise ValueError(f"{path}: not valid YAML ({one_line(err, whole=True)})") from None
     return _fix_numbers(data or {})
 
 
