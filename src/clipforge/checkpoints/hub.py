@@ -41,12 +41,9 @@ def resolve_hf_hub(spec: str, cache_dir: Path | None = None) -> Path:
         if _hf_try(repo, config_name, cache) is not None:
             weights = _hf_fetch_first(repo, weight_names, cache)
             return weights if config_name == "open_clip_config.json" else weights.parent
-    if reason := offline_reason():
-        where = cache or _hf_default_cache()
-        raise OfflineModeError(
-            f"offline mode ({reason} is set) and {spec} is not in the Hugging Face cache {where}: on a "
-            f"machine with network run `hf download {repo} open_clip_config.json {_OPEN_CLIP_WEIGHTS[0]} "
-            f"--cache-dir {where}` and copy that cache here (source https://huggingface.co/{repo})")
+    if offline_reason():
+        raise _not_cached(spec, repo, ("open_clip_config.json", _OPEN_CLIP_WEIGHTS[0]), cache,
+                          f"https://huggingface.co/{repo}")
     raise DownloadError(f"{spec}: the repo has neither open_clip_config.json nor config.json; "
                         f"pass the path of a downloaded checkpoint instead")
 
@@ -149,13 +146,18 @@ def _hf_fetch_first(repo: str, filenames: Sequence[str], cache: Path | None) -> 
     for filename in filenames:
         if (path := _hf_try(repo, filename, cache)) is not None:
             return path
-    if reason := offline_reason():
-        where = cache or _hf_default_cache()
-        raise OfflineModeError(
-            f"offline mode ({reason} is set) and {repo}/{filenames[0]} is not in the Hugging Face cache "
-            f"{where}: on a machine with network run `hf download {repo} {filenames[0]} --cache-dir {where}` "
-            f"and copy that cache here (source {hub_file_url(repo, filenames[0])})")
+    if offline_reason():
+        raise _not_cached(f"{repo}/{filenames[0]}", repo, filenames[:1], cache, hub_file_url(repo, filenames[0]))
     raise DownloadError(f"Hugging Face repo {repo} has none of {', '.join(filenames)}")
+
+
+def _not_cached(what: str, repo: str, files: Sequence[str], cache: Path | None, source: str) -> OfflineModeError:
+    """The offline-mode error for hub files missing from the cache: what to download where, and from where."""
+    where = cache or _hf_default_cache()
+    return OfflineModeError(
+        f"offline mode ({offline_reason()} is set) and {what} is not in the Hugging Face cache {where}: on a "
+        f"machine with network run `hf download {repo} {' '.join(files)} --cache-dir {where}` and copy that "
+        f"cache here (source {source})")
 
 
 __all__ = ["fetch_hub_file", "hf_hub_hints", "hub_file_url", "resolve_hf_hub"]
