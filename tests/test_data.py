@@ -277,12 +277,6 @@ def test_source_kind_names_folders_tables_and_shards(tmp_path):
         source_kind(tmp_path / "notes.txt", tables=(".csv", ".tsv"))
 
 
-def test_training_detects_kinds_with_source_kind():
-    from clipforge.data.loading import detect_kind
-
-    assert detect_kind is source_kind
-
-
 def test_shard_members_split_like_webdataset_and_samples_find_their_image():
     assert split_member_name("000123.jpg") == ("000123", "jpg")
     assert split_member_name("part/000123.Seg.PNG") == ("part/000123", "seg.png")

@@ -10,7 +10,7 @@ Every source becomes batches ``{"images": [B,3,S,S], "texts": [B,L], "bad": [(it
   sample's image) stream through the ``webdataset`` library (`ShardStream`), with a shuffle buffer, optional
   shard resampling and a fixed number of samples per epoch.
 
-Which kind a source is, is `sources.source_kind`'s to say (`detect_kind` here is the name training uses).
+Which kind a source is, is `sources.source_kind`'s to say.
 
 A bad item (missing, truncated or not an image, zero-size, decompression bomb, empty caption) never stops a
 batch: map-style sources replace it with the next good item (batches keep their size, which all-gather
@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..images import ImageDecodeError, load_image
 from ..util import one_line
 from .shards import sample_image
-from .sources import group_by_image, read_caption_table, read_labelled_images, source_kind
+from .sources import group_by_image, read_caption_table, read_labelled_images
 
 __all__ = [
     "BadItemCounter",
@@ -40,7 +40,6 @@ __all__ = [
     "PairDataset",
     "ShardStream",
     "collate_pairs",
-    "detect_kind",
     "pairs_from_folder",
     "pairs_from_table",
     "trim_padding",
@@ -65,11 +64,6 @@ class Pairs:
     @property
     def num_captions(self) -> int:
         return sum(len(c) for c in self.captions)
-
-
-# Training's name for the kind of a data source (`wds` for tar shards, brace patterns and URLs, `folder` for a
-# directory, else `table`): train/ and configs' `data.kind` say it this way.
-detect_kind = source_kind
 
 
 def pairs_from_table(path: str | Path, image_col: str = "image_path", caption_col: str = "caption") -> Pairs:

@@ -12,10 +12,10 @@ from ..data.loading import (
     PairDataset,
     Pairs,
     ShardStream,
-    detect_kind,
     pairs_from_folder,
     pairs_from_table,
 )
+from ..data.sources import source_kind
 from ..model import PreprocessConfig
 from ..tokenizer import Tokenizer
 from ..transforms import image_transform
@@ -26,7 +26,7 @@ __all__ = ["CLIPDataModule", "read_pairs"]
 
 def read_pairs(spec: str, cfg: DataConfig, kind: str | None = None) -> Pairs:
     """Pairs from a caption table or a labelled image folder (`kind`: as `data.kind`, default auto-detect)."""
-    kind = detect_kind(spec) if kind in (None, "auto") else kind
+    kind = source_kind(spec) if kind in (None, "auto") else kind
     if kind == "table":
         return pairs_from_table(spec, cfg.image_col, cfg.caption_col)
     if kind == "folder":
@@ -43,7 +43,7 @@ class CLIPDataModule(L.LightningDataModule):
             raise ValueError("no training data: set data.train (or --train-data) to a caption table, an image "
                              "folder or WebDataset shards")
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.kind = detect_kind(cfg.data.train) if cfg.data.kind == "auto" else cfg.data.kind
+        self.kind = source_kind(cfg.data.train) if cfg.data.kind == "auto" else cfg.data.kind
         if cfg.data.captions_per_image != 1 and (self.kind == "wds" or not cfg.data.sample_captions):
             raise ValueError(f"data.captions_per_image={cfg.data.captions_per_image} needs data.sample_captions: true "
                              "and a caption table or image folder (not WebDataset shards); or set it to 1")
