@@ -105,9 +105,9 @@ def test_state_dict_keeps_openai_layout_while_the_towers_are_attributes():
     wrapper.load_state_dict(wrapper.state_dict())
 
 
-def test_seeded_models_draw_the_same_weights_as_openais_order():
-    """The text tower is built first, as in OpenAI's CLIP, so a seed gives the weights it always gave; the first
-    values below were drawn by the model before the towers became attributes."""
+def test_seeded_models_draw_the_weights_they_always_drew():
+    """The text tower is built first, so a seed gives the weights it gave before the towers became attributes;
+    the values below were drawn by that earlier model."""
     torch.manual_seed(0)
     model = create_model(tiny_config())
     assert model.text.token_embedding.weight[0, :3].tolist() == pytest.approx([0.05941, -0.00688, 0.02286],

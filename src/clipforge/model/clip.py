@@ -31,7 +31,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.config = cfg
-        # Text tower first: a seeded model draws its random weights in the order OpenAI's code does.
+        # Text tower first: a seed gives the random weights it gave in earlier clipforge versions.
         self.text: TextTower = _text_tower(cfg)
         self.visual: ImageTower = _image_tower(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
