@@ -118,7 +118,7 @@ def export_onnx(
         raise ValueError(f"opset must be an int >= {lowest} with the {exporter} exporter, got {opset!r}"
                          + (" (exporter='torchscript' goes down to 14)" if exporter == "dynamo" else ""))
     preprocess = _preprocess_config(model, preprocess_cfg)
-    tokenizer = Tokenizer.from_config(tokenizer_cfg) if tokenizer_cfg is not None else Tokenizer(model.context_length)
+    tokenizer = Tokenizer.from_config(model.tokenizer_config() if tokenizer_cfg is None else tokenizer_cfg)
     if tokenizer.context_length > model.context_length:
         raise ValueError(f"tokenizer context_length {tokenizer.context_length} is longer than the model's "
                          f"{model.context_length}")
